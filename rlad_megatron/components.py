@@ -1,0 +1,185 @@
+"""Build what the loop needs from the flags: tokenizer, student (+ optimizer), teacher, rollout
+engine, prompt streams, reward. Nothing here runs a step."""
+
+from __future__ import annotations
+
+import random
+from argparse import Namespace
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from rlad_megatron import platform
+from rlad_megatron.algos import NEEDS_TEACHER
+from rlad_megatron.arguments import transformer_config_overrides
+from rlad_megatron.data.prompts import PromptSample, encode_samples, load_prompt_file
+from rlad_megatron.models import spec_from_hf_config
+from rlad_megatron.models.builder import Model, build_model
+from rlad_megatron.models.teacher import build_teacher
+from rlad_megatron.tokenizer import check_same_tokenizer, load_tokenizer
+
+
+class PromptStream:
+    """Endless, seeded, epoch-shuffled prompts; `position` (prompts consumed) is the resume state."""
+
+    def __init__(self, samples: list[PromptSample], seed: int, position: int = 0) -> None:
+        if not samples:
+            raise ValueError("the prompt set is empty")
+        self.samples, self.seed, self.position = samples, seed, position
+
+    def _order(self, epoch: int) -> list[int]:
+        order = list(range(len(self.samples)))
+        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+        return order
+
+    def next_batch(self, n: int) -> list[PromptSample]:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.samples))
+            out.append(self.samples[self._order(epoch)[i]])
+            self.position += 1
+        return out
+
+
+def load_prompts(source: str, *, split: str, size: int, seed: int, tokenizer, apply_chat_template: bool):
+    """`builtin:<task>` (seeded generator; eval split uses seeds disjoint from train) or a JSONL/Parquet file."""
+    if source.startswith("builtin:"):
+        task = source.split(":", 1)[1]
+        if task == "addition":
+            from rlad_megatron.data.addition import make_addition_dataset
+
+            samples = make_addition_dataset(split, size, seed)
+        else:
+            from rlad_megatron.data.tasks import make_task_dataset
+
+            samples = make_task_dataset(task, split=split, size=size, seed=seed)
+    else:
+        samples = load_prompt_file(source)
+    return encode_samples(samples, tokenizer, apply_chat_template)
+
+
+def _dtype(args: Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float32
+
+
+def _use_te(args: Namespace) -> bool | None:
+    return {"auto": None, "local": False, "transformer_engine": True}[args.transformer_impl]
+
+
+def _model_dir_spec(hf_dir: str | None, load_dir: str | None):
+    """The HF config comes from the HF dir, or from the Megatron checkpoint's meta."""
+    if hf_dir:
+        return spec_from_hf_config(hf_dir)
+    from rlad_megatron.convert import read_checkpoint_meta
+
+    return spec_from_hf_config(read_checkpoint_meta(load_dir)["hf_config"])
+
+
+def _padded_vocab(load_dir: str | None, tp: int) -> int | None:
+    """A Megatron checkpoint keeps its padded vocab (when the new TP divides it)."""
+    if not load_dir:
+        return None
+    from rlad_megatron.convert import padded_vocab_for, read_megatron_meta
+
+    return padded_vocab_for(read_megatron_meta(load_dir), tp)
+
+
+def build_student(args: Namespace, spec) -> Model:
+    from rlad_megatron.fp8 import validate_fp8
+
+    overrides = {**transformer_config_overrides(args), **validate_fp8(args)}
+    student = build_model(spec, params_dtype=_dtype(args), make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                          padded_vocab=_padded_vocab(args.student_load, args.tensor_model_parallel_size),
+                          use_te=_use_te(args), **overrides)
+    _load_weights(student, args.student_hf, args.student_load)
+    return student
+
+
+def build_teacher_model(args: Namespace) -> Model:
+    spec = _model_dir_spec(args.teacher_hf, args.teacher_load)
+    teacher = build_teacher(spec, tp=args.teacher_tensor_model_parallel_size, pp=args.teacher_pipeline_model_parallel_size,
+                            params_dtype=_dtype(args), make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                            padded_vocab=_padded_vocab(args.teacher_load, args.teacher_tensor_model_parallel_size),
+                            use_te=_use_te(args))
+    _load_weights(teacher, args.teacher_hf, args.teacher_load)
+    return teacher
+
+
+def _load_weights(model: Model, hf_dir: str | None, load_dir: str | None) -> None:
+    from rlad_megatron.convert import load_hf_into_megatron, load_megatron_checkpoint
+
+    if load_dir:
+        load_megatron_checkpoint(model, load_dir)
+    else:
+        load_hf_into_megatron(model, hf_dir)
+
+
+def build_engine(args: Namespace, spec, tokenizer, model_dir: str | None = None):
+    """The rollout engine, on rank 0 only (its rollouts are broadcast). It starts with dummy weights and
+    receives the real ones through the weight-sync path, as SGLang does."""
+    if not platform.is_rank0():
+        return None
+    if args.rollout_engine == "hf":
+        from transformers import AutoConfig
+
+        from rlad_megatron.rollout.hf_engine import HFEngine
+
+        config = AutoConfig.for_model(**{k: v for k, v in spec.hf_config.items() if k != "transformers_version"})
+        return HFEngine(config, dtype=_dtype(args), device=platform.device(), seed=args.seed, tokenizer=tokenizer)
+    from rlad_megatron.rollout.sglang_engine import make_sglang_engine
+
+    return make_sglang_engine(args, model_dir=model_dir or args.student_hf or args.tokenizer)
+
+
+@dataclass
+class Components:
+    args: Namespace
+    tokenizer: object
+    student: Model
+    ddp: object
+    optimizer: object
+    scheduler: object
+    teacher: Model | None
+    engine: object
+    train_prompts: PromptStream
+    eval_prompts: list[PromptSample]
+    reward: str
+    extra: dict = field(default_factory=dict)
+
+
+def build_components(args: Namespace) -> Components:
+    from rlad_megatron.optim import build_optimizer
+
+    tok_dir = args.tokenizer or args.student_hf
+    if tok_dir is None:
+        raise ValueError("--tokenizer is required with --student-load (no HF dir to read it from)")
+    tokenizer = load_tokenizer(tok_dir)
+    needs_teacher = args.algo in NEEDS_TEACHER or (args.algo == "sft" and args.sft_source == "teacher")
+    if needs_teacher and args.teacher_hf:
+        check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_hf), teacher_name=f"teacher ({args.teacher_hf})")
+
+    spec = _model_dir_spec(args.student_hf, args.student_load)
+    student = build_student(args, spec)
+    total_updates = args.train_iters * args.num_updates_per_rollout
+    ddp, optimizer, scheduler = build_optimizer(
+        student, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad, bf16=args.bf16,
+        use_distributed_optimizer=args.use_distributed_optimizer, lr_warmup_steps=args.lr_warmup_steps,
+        lr_decay_steps=max(total_updates, 1), lr_decay_style=args.lr_decay_style)
+    teacher = build_teacher_model(args) if needs_teacher else None
+
+    train = load_prompts(args.prompt_data, split="train", size=args.train_size, seed=args.seed, tokenizer=tokenizer,
+                         apply_chat_template=args.apply_chat_template)
+    evals = []
+    if args.eval_data:
+        evals = load_prompts(args.eval_data, split="eval", size=args.eval_size, seed=args.seed, tokenizer=tokenizer,
+                             apply_chat_template=args.apply_chat_template)[: args.eval_size]
+    reward = args.reward or train[0].task
+    if not reward:
+        raise ValueError(f"{args.prompt_data}: rows carry no 'task' name; pass --reward")
+    engine = build_engine(args, spec, tokenizer)
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return Components(args=args, tokenizer=tokenizer, student=student, ddp=ddp, optimizer=optimizer,
+                      scheduler=scheduler, teacher=teacher, engine=engine, train_prompts=PromptStream(train, args.seed),
+                      eval_prompts=evals, reward=reward)

@@ -1,0 +1,323 @@
+"""The RL loop. Each step:
+
+    prompts  = next rollout_batch_size prompts
+    rollouts = engine.generate(prompts x n_samples_per_prompt)          (rank 0, broadcast)
+    rewards  = reward(rollouts);  A = group-normalised advantages       (+ dynamic sampling)
+    old_logp = student forward;   teacher_logp = teacher forward        (vocab-parallel, same temperature)
+    update   = num_updates_per_rollout optimizer steps with --algo's loss
+    sync     = Megatron -> HF names -> buckets -> engine
+    log / eval / save
+"""
+
+from __future__ import annotations
+
+import time
+from argparse import Namespace
+
+import torch
+import torch.distributed as dist
+
+from rlad_megatron import platform
+from rlad_megatron.advantages import grpo_advantages
+from rlad_megatron.algos import IS_RL, NEEDS_TEACHER_LOGP
+from rlad_megatron.batch import RolloutBatch, build_batch
+from rlad_megatron.components import Components, build_components
+from rlad_megatron.evaluation import evaluate
+from rlad_megatron.models.forward import compute_logprobs
+from rlad_megatron.rewards import score_batch
+from rlad_megatron.rollout.base import Rollout, SamplingParams
+from rlad_megatron.update import update_policy
+
+
+def train(args: Namespace) -> dict:
+    c = build_components(args)
+    state = resume(c)
+    c.extra["engine_stale"] = True
+    if args.algo == "sft":
+        c.extra["sft_pool"] = sft_traces(c)
+    log = make_logger(c)
+    if state["step"] == 0 and c.eval_prompts:
+        log.log(0, evaluate_student(c))
+    for step in range(state["step"], args.train_iters):
+        t0 = time.perf_counter()
+        batch, metrics = collect_batch(c, step)
+        if args.algo in IS_RL:
+            batch.old_logp, _ = compute_logprobs(c.student, batch.tokens, temperature=args.rollout_temperature,
+                                                 micro_batch_size=args.micro_batch_size)
+            metrics |= batch_diagnostics(batch)
+        if args.algo in NEEDS_TEACHER_LOGP:
+            batch.teacher_logp, _ = compute_logprobs(c.teacher, batch.tokens, temperature=args.rollout_temperature,
+                                                     micro_batch_size=args.micro_batch_size)
+            metrics |= teacher_diagnostics(batch)
+        metrics |= update_policy(c.student, c.ddp, c.optimizer, c.scheduler, batch, args, step=step,
+                                 teacher_logits_fn=teacher_logits_fn(c))
+        c.extra["engine_stale"] = True
+        if args.algo != "sft":  # SFT generates nothing: sync only before an eval
+            metrics |= sync_weights(c, version=f"step{step + 1}")
+        metrics["perf/step_s"] = time.perf_counter() - t0
+        metrics["perf/tokens_per_s"] = float(batch.response_mask.sum()) / metrics["perf/step_s"]
+        if args.eval_interval and c.eval_prompts and (step + 1) % args.eval_interval == 0:
+            metrics |= evaluate_student(c)
+        log.log(step + 1, metrics)
+        if args.save and args.save_interval and (step + 1) % args.save_interval == 0:
+            save(c, step + 1)
+    final = evaluate_student(c) if c.eval_prompts else {}
+    if final:
+        log.log(args.train_iters, final)
+    log.close()
+    if args.save_hf:
+        from rlad_megatron.convert import save_hf_checkpoint
+
+        save_hf_checkpoint(c.student, hf_template(c), args.save_hf, overwrite=True)
+    return final
+
+
+# ------------------------------------------------------------------------------------------------ rollouts
+
+
+def sampling_params(args: Namespace, step: int) -> SamplingParams:
+    return SamplingParams(temperature=args.rollout_temperature, top_p=args.rollout_top_p, top_k=args.rollout_top_k,
+                          max_new_tokens=args.max_response_len, stop=tuple(args.rollout_stop),
+                          stop_token_ids=tuple(args.rollout_stop_token_ids), seed=args.seed * 100_003 + step)
+
+
+def generate_and_score(c: Components, samples, n: int, sampling: SamplingParams) -> tuple[list[Rollout], list[float]]:
+    """Rank 0 generates `n` responses per prompt and scores them; every rank gets the same result."""
+    payload = [None]
+    if platform.is_rank0():
+        prompts = [s.prompt_ids for s in samples for _ in range(n)]
+        rollouts = c.engine.generate(prompts, sampling)
+        texts = [r.text or c.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in rollouts]
+        rewards = score_batch(c.reward, texts, [s for s in samples for _ in range(n)],
+                              num_workers=c.args.reward_workers, format_reward=c.args.format_reward)
+        payload = [(rollouts, rewards)]
+    dist.broadcast_object_list(payload, src=0)
+    return payload[0]
+
+
+def collect_batch(c: Components, step: int) -> tuple[RolloutBatch, dict]:
+    """Rollouts + rewards + advantages for one step. With --dynamic-sampling, groups whose rewards are all
+    equal (zero advantage: no signal for GRPO or TRRD) are dropped and more prompts are drawn."""
+    args = c.args
+    if args.algo == "sft":
+        return sft_batch(c), {}
+    n, want = args.n_samples_per_prompt, args.rollout_batch_size
+    kept_rollouts, kept_rewards, drawn, zero_groups = [], [], 0, 0
+    for round_ in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
+        need = want - len(kept_rewards) // n
+        samples = c.train_prompts.next_batch(need)
+        if c.extra.get("engine_stale"):
+            sync_weights(c, version=f"step{step}")
+        rollouts, rewards = generate_and_score(c, samples, n, sampling_params(args, step * 1000 + round_))
+        r = torch.tensor(rewards).view(need, n)
+        informative = r.std(-1) > 0
+        zero_groups += int((~informative).sum())
+        drawn += need
+        for g in range(need):
+            if informative[g] or not args.dynamic_sampling:
+                kept_rollouts += rollouts[g * n:(g + 1) * n]
+                kept_rewards += rewards[g * n:(g + 1) * n]
+        if len(kept_rewards) // n >= want:
+            break
+    if not kept_rewards:  # every group had equal rewards in every round: train on the last draw (A = 0)
+        kept_rollouts, kept_rewards = rollouts, rewards
+    groups = len(kept_rewards) // n
+    kept_rollouts, kept_rewards = kept_rollouts[: min(groups, want) * n], kept_rewards[: min(groups, want) * n]
+    rewards_t = torch.tensor(kept_rewards, dtype=torch.float32)
+    adv = grpo_advantages(rewards_t.view(-1, n)).view(-1)
+    batch = build_batch(kept_rollouts, rewards_t, adv, pad_id=pad_id(c))
+    lengths = torch.tensor([len(r.output_ids) for r in kept_rollouts], dtype=torch.float32)
+    metrics = {
+        "reward/mean": float(rewards_t.mean()),
+        "reward/accuracy": float((rewards_t >= 1.0).float().mean()),
+        "rollout/zero_adv_group_frac": zero_groups / max(drawn, 1),
+        "rollout/groups_drawn": float(drawn),
+        "rollout/response_len": float(lengths.mean()),
+        "rollout/truncated_frac": sum(r.finish_reason == "length" for r in kept_rollouts) / len(kept_rollouts),
+    }
+    return batch, metrics
+
+
+def pad_id(c: Components) -> int:
+    tok = c.tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def batch_diagnostics(batch: RolloutBatch) -> dict:
+    """Train-vs-rollout log-prob gap: engine vs Megatron for the same weights."""
+    m = batch.response_mask > 0
+    return {"rollout/logp_gap_abs": float((batch.old_logp - batch.rollout_logp)[m].abs().mean())}
+
+
+def teacher_diagnostics(batch: RolloutBatch) -> dict:
+    m = batch.response_mask > 0
+    return {"teacher/logp_student_minus_teacher": float((batch.old_logp - batch.teacher_logp)[m].mean())}
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+
+
+def sft_traces(c: Components) -> list[Rollout]:
+    """Offline distillation data. `--sft-source teacher`: the teacher's weights go to the engine, it samples
+    n_samples_per_prompt answers for the training prompts, and only correct ones are kept (rejection
+    sampling); the engine is then given back the student's weights. `dataset`: the reference traces."""
+    args = c.args
+    samples = c.train_prompts.samples
+    if args.sft_source == "dataset":
+        traces = []
+        for s in samples:
+            target = s.meta.get("target") or s.meta.get("response")
+            if target is None:
+                raise ValueError(f"--sft-source dataset: sample {s.prompt!r} has no reference response")
+            ids = c.tokenizer.encode(target, add_special_tokens=False) + [c.tokenizer.eos_token_id]
+            traces.append(Rollout(prompt_ids=s.prompt_ids, output_ids=ids, output_logprobs=[0.0] * len(ids),
+                                  finish_reason="stop"))
+        return traces
+    from rlad_megatron.convert import export_hf_weights
+    from rlad_megatron.rollout.weight_sync import push_weights
+
+    stream = export_hf_weights(c.teacher)
+    if platform.is_rank0():
+        push_weights(c.engine, stream, version="teacher", bucket_bytes=args.update_weight_buffer_size)
+    else:
+        for _ in stream:
+            pass
+    # the prompts the RL methods would see in the same budget
+    samples = samples[: args.rollout_batch_size * args.train_iters]
+    rollouts, rewards = generate_and_score(c, samples, args.n_samples_per_prompt, sampling_params(args, -1))
+    kept = [r for r, rew in zip(rollouts, rewards) if rew >= 1.0]
+    if not kept:
+        raise RuntimeError("--algo sft: the teacher solved none of the training prompts; nothing to distil")
+    c.extra["engine_stale"] = True  # the engine holds the teacher now
+    return kept
+
+
+def sft_batch(c: Components) -> RolloutBatch:
+    pool = c.extra["sft_pool"]
+    n = c.args.rollout_batch_size * c.args.n_samples_per_prompt
+    start = c.extra.get("sft_pos", 0)
+    picks = [pool[(start + i) % len(pool)] for i in range(n)]
+    c.extra["sft_pos"] = start + n
+    zeros = torch.zeros(n)
+    return build_batch(picks, zeros + 1.0, zeros, pad_id=pad_id(c))
+
+
+# ------------------------------------------------------------------------------------------------ sync/eval/ckpt
+
+
+def sync_weights(c: Components, version: str) -> dict:
+    """Megatron student -> HF-named full tensors (TP gathered, PP broadcast) -> buckets -> engine."""
+    from rlad_megatron.convert import export_hf_weights
+
+    c.extra["engine_stale"] = False
+    from rlad_megatron.rollout.weight_sync import push_weights
+
+    t0 = time.perf_counter()
+    stream = export_hf_weights(c.student)
+    if platform.is_rank0():
+        stats = push_weights(c.engine, stream, version=version, bucket_bytes=c.args.update_weight_buffer_size)
+        out = {"sync/seconds": stats.seconds, "sync/buckets": float(stats.buckets)}
+    else:
+        for _ in stream:
+            pass
+        out = {}
+    if c.args.check_weight_sync:
+        out["sync/probe_logp_max_diff"] = check_sync(c)
+    out.setdefault("sync/seconds", time.perf_counter() - t0)
+    return out
+
+
+def check_sync(c: Components) -> float:
+    """Engine log-probs of a fixed probe sequence vs the Megatron student's (after a sync)."""
+    probe = c.eval_prompts[0] if c.eval_prompts else c.train_prompts.samples[0]
+    ids = list(probe.prompt_ids) + [pad_id(c)] * 4
+    ref, _ = compute_logprobs(c.student, torch.tensor([ids]), temperature=1.0)
+    diff = [0.0]
+    if platform.is_rank0():
+        eng = c.engine.score([ids], [len(probe.prompt_ids)], temperature=1.0)[0]
+        mine = ref[0, len(probe.prompt_ids) - 1:]
+        diff = [float((torch.tensor(eng) - mine).abs().max())]
+    dist.broadcast_object_list(diff, src=0)
+    return diff[0]
+
+
+def evaluate_student(c: Components) -> dict:
+    args = c.args
+    if c.extra.get("engine_stale"):
+        sync_weights(c, version="eval")
+    sampling = SamplingParams(temperature=args.eval_temperature, top_p=args.rollout_top_p,
+                              max_new_tokens=args.max_response_len, stop=tuple(args.rollout_stop),
+                              stop_token_ids=tuple(args.rollout_stop_token_ids), seed=args.seed)
+    out = [None]
+    if platform.is_rank0():
+        out = [evaluate(c.engine, c.eval_prompts, reward=c.reward, k=args.eval_samples, sampling=sampling,
+                        tokenizer=c.tokenizer, reward_workers=args.reward_workers)]
+    dist.broadcast_object_list(out, src=0)
+    return {f"eval/{k}": v for k, v in out[0]["overall"].items()}
+
+
+def hf_template(c: Components) -> str:
+    """An HF dir for the student's export: --student-hf, or a config.json written from the checkpoint meta
+    next to the tokenizer files."""
+    if c.args.student_hf:
+        return c.args.student_hf
+    import json
+    import shutil
+    from pathlib import Path
+
+    out = Path(c.args.output_dir) / "hf_template"
+    if platform.is_rank0():
+        shutil.copytree(c.args.tokenizer, out, dirs_exist_ok=True)
+        (out / "config.json").write_text(json.dumps(c.student.spec.hf_config, indent=2))
+    platform.barrier()
+    return str(out)
+
+
+def teacher_logits_fn(c: Components):
+    if c.args.algo != "gkd":
+        return None
+    from rlad_megatron.models.forward import position_ids
+
+    if c.teacher.tp != c.student.tp or c.teacher.pp != 1 or c.student.pp != 1:
+        raise ValueError("--algo gkd compares full vocab shards: teacher and student need the same TP and PP=1")
+
+    def fn(tokens: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            tokens = tokens.to(platform.device())
+            return c.teacher.module(tokens, position_ids(tokens), None)
+
+    return fn
+
+
+def make_logger(c: Components):
+    from rlad_megatron.metrics_log import MetricsLogger
+
+    return MetricsLogger(c.args.output_dir, tensorboard_dir=c.args.tensorboard_dir, wandb_project=c.args.wandb_project,
+                         total_steps=c.args.train_iters)
+
+
+def train_state(c: Components, step: int) -> dict:
+    return {"step": step, "prompt_position": c.train_prompts.position, "sft_pos": c.extra.get("sft_pos", 0)}
+
+
+def save(c: Components, step: int) -> None:
+    from rlad_megatron.checkpoint import save_checkpoint
+
+    save_checkpoint(c.args.save, step, c.student, c.optimizer, c.scheduler, train_state(c, step),
+                    keep_last=c.args.keep_last)
+
+
+def resume(c: Components) -> dict:
+    from pathlib import Path
+
+    if not c.args.load or not (Path(c.args.load) / "latest").exists():  # first run of a resumable job
+        return {"step": 0}
+    from rlad_megatron.checkpoint import load_checkpoint
+
+    state = load_checkpoint(c.args.load, c.student, c.optimizer, c.scheduler)
+    if not state:
+        return {"step": 0}
+    c.train_prompts.position = state["prompt_position"]
+    c.extra["sft_pos"] = state.get("sft_pos", 0)
+    return state
+
