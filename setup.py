@@ -1,12 +1,14 @@
 """rlad_megatron: RL-aware distillation (RLAD / TRRD) for Megatron-core students and teachers."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="rlad_megatron",
     version="0.1.0",
     description="Reinforcement-aware knowledge distillation (RLAD/TRRD) on Megatron-core with SGLang rollouts",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["rlad_megatron", "rlad_megatron.*"]),

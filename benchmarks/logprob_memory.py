@@ -25,9 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -77,7 +79,7 @@ def _vp_impl(x, targets, group, with_entropy: bool, grad: bool, chunk: int):
 
 
 def worker(args: argparse.Namespace) -> None:
-    """One rank of one configuration; prints a JSON line with its peak-memory deltas and times."""
+    """One rank of one configuration; writes ``rank{r}.json`` (peak-memory delta, times) to ``--out-dir``."""
     import torch
     import torch.distributed as dist
 
@@ -110,19 +112,24 @@ def worker(args: argparse.Namespace) -> None:
         times.append(time.perf_counter() - t0)
         peaks.append((_status_kib("VmHWM") - rss0) / 1024)
         del out
-    print(json.dumps({"rank": rank, "peak_mib": max(peaks), "times": times}), flush=True)
+    result = {"rank": rank, "peak_mib": max(peaks), "times": times}
+    Path(args.out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
 def launch(impl: str, mode: str, chunk: int, args: argparse.Namespace) -> dict:
+    out_dir = tempfile.mkdtemp(prefix="logprob_bench_")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.tp}",
            __file__, "--worker", "--impl", impl, "--mode", mode, "--chunk", str(chunk), "--tokens", str(args.tokens),
-           "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats", str(args.repeats)]
+           "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats", str(args.repeats), "--out-dir", out_dir]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
     p = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
         raise RuntimeError(f"{impl}/{mode} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    ranks = [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads(f.read_text()) for f in sorted(Path(out_dir).glob("rank*.json"))]
+    shutil.rmtree(out_dir)
+    if len(ranks) != args.tp:
+        raise RuntimeError(f"{impl}/{mode}: expected {args.tp} rank results, got {len(ranks)}")
     per_repeat = [max(r["times"][i] for r in ranks) for i in range(args.repeats)]
     return {"peak_mib": max(r["peak_mib"] for r in ranks), "time_s": statistics.median(per_repeat)}
 
@@ -132,14 +139,15 @@ def main() -> None:
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--impl", default="vp", choices=["vp", "gather"])
     ap.add_argument("--mode", default="logp+ent+bwd", choices=MODES)
-    ap.add_argument("--chunk", type=int, default=4096)
-    ap.add_argument("--chunks", default="1024,4096", help="chunk sizes of the vp rows")
+    ap.add_argument("--chunk", type=int, default=1024)
+    ap.add_argument("--chunks", default="256,1024,4096", help="chunk sizes of the vp rows")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--vocab", type=int, default=151936)
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         worker(args)

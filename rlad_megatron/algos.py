@@ -14,6 +14,7 @@ from argparse import Namespace
 import torch
 
 from rlad_megatron.losses import kdrl_loss, sft_loss, trrd_loss
+from rlad_megatron.models.forward import next_tokens
 from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
 
 ALGOS = ("grpo", "rlad", "kdrl", "gkd", "sft")
@@ -36,10 +37,10 @@ def micro_batch_loss(mb: dict, logits: torch.Tensor, *, args: Namespace, tp_grou
                      teacher_logits_fn=None) -> tuple[torch.Tensor, dict]:
     """Loss of one micro-batch. `logits [b, L, vocab/tp]` from the student's last stage; `mb` holds the
     `RolloutBatch` rows as tensors. Returns (scalar loss, metrics)."""
-    targets = mb["tokens"][:, 1:]
-    z = logits[:, :-1]
-    logp, entropy = vocab_parallel_logprobs(z, targets, group=tp_group, temperature=args.rollout_temperature,
-                                            vocab_size=vocab_size, with_entropy=True)
+    logp, entropy = vocab_parallel_logprobs(logits, next_tokens(mb["tokens"]), group=tp_group,
+                                            temperature=args.rollout_temperature, vocab_size=vocab_size,
+                                            with_entropy=True)
+    logp, entropy = logp[:, :-1], entropy[:, :-1]
     mask = mb["response_mask"]
     common = dict(eps_low=args.eps_clip_low, eps_high=args.eps_clip_high, agg=args.loss_agg)
     if args.algo == "sft":
@@ -56,9 +57,10 @@ def micro_batch_loss(mb: dict, logits: torch.Tensor, *, args: Namespace, tp_grou
     elif args.algo == "gkd":
         from rlad_megatron.losses import gkd_loss
 
-        teacher_z = teacher_logits_fn(mb["tokens"])[:, :-1]
-        loss, metrics = gkd_loss(z, teacher_z, mask, group=tp_group, kind=args.gkd_divergence,
-                                 temperature=args.rollout_temperature, vocab_size=vocab_size, agg=args.loss_agg)
+        full_mask = torch.cat([mask, mask.new_zeros(mask.shape[0], 1)], dim=1)  # the last position predicts nothing
+        loss, metrics = gkd_loss(logits, teacher_logits_fn(mb["tokens"]), full_mask, group=tp_group,
+                                 divergence=args.gkd_divergence, temperature=args.rollout_temperature,
+                                 vocab_size=vocab_size, agg=args.loss_agg)
         if args.gkd_rl_coef:
             rl, rl_metrics = trrd_loss(logp, mb["old_logp"], None, token_advantages(mb, args), mask, alpha=1.0,
                                        **common)

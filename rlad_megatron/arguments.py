@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-data", default=None, help="same forms as --prompt-data")
     g.add_argument("--train-size", type=int, default=100_000, help="items of a builtin task for training")
     g.add_argument("--eval-size", type=int, default=256)
+    g.add_argument("--eval-seed", type=int, default=1234,
+                   help="builtin eval sets are drawn from seed + 1e9: the same held-out set for every --seed")
     g.add_argument("--no-chat-template", dest="apply_chat_template", action="store_false")
     g.add_argument("--reward", default=None, help="registry name or module.path:function (default: the task's)")
     g.add_argument("--format-reward", type=float, default=0.0)
@@ -156,9 +158,9 @@ def validate(args: argparse.Namespace) -> None:
     """Cross-flag checks that argparse can't express. Raises ValueError naming the flag."""
     if not (args.student_hf or args.student_load):
         raise ValueError("one of --student-hf / --student-load is required")
-    if args.algo in ("rlad", "kdrl", "gkd") or (args.algo == "sft" and args.sft_source == "teacher"):
-        if not (args.teacher_hf or args.teacher_load):
-            raise ValueError(f"--algo {args.algo} needs a teacher: --teacher-hf or --teacher-load")
+    needs_teacher = args.algo in ("rlad", "kdrl", "gkd") or (args.algo == "sft" and args.sft_source == "teacher")
+    if needs_teacher and not (args.teacher_hf or args.teacher_load):
+        raise ValueError(f"--algo {args.algo} needs a teacher: --teacher-hf or --teacher-load")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.prompt_data is None:

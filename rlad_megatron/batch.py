@@ -32,14 +32,6 @@ class RolloutBatch:
         return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
-    def pad_rows(self, multiple: int) -> RolloutBatch:
-        """Append all-zero rows (mask 0: they contribute nothing) up to a multiple of `multiple`."""
-        extra = (-len(self)) % multiple
-        if not extra:
-            return self
-        return replace(self, **{f.name: torch.cat([v, v.new_zeros((extra, *v.shape[1:]))])
-                                for f in fields(self) if (v := getattr(self, f.name)) is not None})
-
     @property
     def response_lengths(self) -> torch.Tensor:
         return self.response_mask.sum(-1)

@@ -173,7 +173,7 @@ def build_components(args: Namespace) -> Components:
                          apply_chat_template=args.apply_chat_template)
     evals = []
     if args.eval_data:
-        evals = load_prompts(args.eval_data, split="eval", size=args.eval_size, seed=args.seed, tokenizer=tokenizer,
+        evals = load_prompts(args.eval_data, split="eval", size=args.eval_size, seed=args.eval_seed, tokenizer=tokenizer,
                              apply_chat_template=args.apply_chat_template)[: args.eval_size]
     reward = args.reward or train[0].task
     if not reward:

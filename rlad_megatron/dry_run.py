@@ -17,7 +17,7 @@ from rlad_megatron.arguments import transformer_config_overrides
 def _world_size() -> int:
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
-    return int(os.environ.get("NNODES", 1)) * int(os.environ.get("GPUS_PER_NODE", 1))
+    return int(os.environ.get("NNODES", "1")) * int(os.environ.get("GPUS_PER_NODE", "1"))
 
 
 def _check_model(name: str, hf_dir: str | None, tp: int, pp: int, notes: list[str]) -> None:

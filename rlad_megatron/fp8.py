@@ -146,7 +146,8 @@ def quantize_block_fp8(w: torch.Tensor, block: tuple[int, int] = (128, 128)) -> 
         x = F.pad(x, (0, pn, 0, pm))
     xb = x.view((m + pm) // bm, bm, (n + pn) // bn, bn)
     amax = xb.abs().amax(dim=(1, 3))
-    scale = (amax / FP8_E4M3_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    # tensor / tensor: IEEE division on every device (CUDA turns "/ python scalar" into a reciprocal multiply)
+    scale = (amax / torch.full_like(amax, FP8_E4M3_MAX)).clamp(min=torch.finfo(torch.float32).tiny)
     q = (xb / scale[:, None, :, None]).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
     return q.view(m + pm, n + pn)[:m, :n].contiguous(), scale.contiguous()
 

@@ -10,7 +10,9 @@ Two mechanisms, picked per tag:
   reachable from the objects (params, `.grad`, Megatron `.main_grad` and DDP param/grad buffers, optimizer state
   and fp32 master params) is copied to pinned CPU memory and resized to 0 bytes; `onload` resizes and copies back.
   Working on storages, not tensors, keeps every view (Megatron's params and grads are views into flat buffers)
-  pointing at the right bytes. Frozen tags (a teacher) keep their CPU copy: later offloads only free the GPU.
+  pointing at the right bytes. Storages that a tag staying on the GPU also uses are left alone (offloading
+  "optimizer" before the weight export must not take a fp32 model's params, which are its optimizer's params).
+  Frozen tags (a teacher) keep their CPU copy: later offloads only free the GPU.
 
 On a machine without CUDA both are honest no-ops (there is no device memory to free) and say so in the stats.
 `to_rollout` / `to_training` sequence the offloader with a rollout engine in slime's staged order.
@@ -78,7 +80,10 @@ def tensors_of(obj) -> Iterator[torch.Tensor]:
                         t = getattr(b, name, None)
                         if isinstance(t, torch.Tensor):
                             yield t
-    elif hasattr(obj, "param_groups") and hasattr(obj, "state"):  # torch.optim.Optimizer
+    elif hasattr(obj, "chained_optimizers"):  # Megatron ChainedOptimizer
+        for opt in obj.chained_optimizers:
+            yield from tensors_of(opt)
+    elif isinstance(obj, torch.optim.Optimizer):
         for group in obj.param_groups:
             for p in group["params"]:
                 yield p
@@ -86,16 +91,9 @@ def tensors_of(obj) -> Iterator[torch.Tensor]:
                     yield p.grad
         for state in obj.state.values():
             yield from (v for v in state.values() if isinstance(v, torch.Tensor))
-    elif hasattr(obj, "chained_optimizers"):  # Megatron ChainedOptimizer
-        for opt in obj.chained_optimizers:
-            yield from tensors_of(opt)
-    elif hasattr(obj, "optimizer"):  # Megatron optimizer wrapper: inner torch optimizer + master param groups
+    elif isinstance(getattr(obj, "optimizer", None), torch.optim.Optimizer):
+        # Megatron optimizer wrapper: its torch optimizer holds the master params and the Adam state
         yield from tensors_of(obj.optimizer)
-        for value in vars(obj).values():
-            if isinstance(value, list):
-                for item in value:
-                    items = item if isinstance(item, list) else [item]
-                    yield from (t for t in items if isinstance(t, torch.Tensor))
     elif hasattr(obj, "module") and isinstance(obj.module, torch.nn.Module):
         yield from tensors_of(obj.module)
     elif isinstance(obj, (list, tuple)):
@@ -117,13 +115,14 @@ class _Stash:
 
 
 def offload_storages(tensors: Iterable[torch.Tensor], device_type: str = "cuda", pin_memory: bool = True,
-                     keep: dict[int, torch.Tensor] | None = None) -> list[_Stash]:
+                     keep: dict[int, torch.Tensor] | None = None, exclude: set[int] | frozenset = frozenset()
+                     ) -> list[_Stash]:
     """Copy each distinct `device_type` storage behind `tensors` to CPU and shrink it to 0 bytes.
 
     `keep`: CPU copies from an earlier offload of the same (frozen, unchanged) storages, keyed by storage
-    identity; those are reused instead of copied again.
+    identity; those are reused instead of copied again. `exclude`: storage identities to leave in place.
     """
-    stashes, seen = [], set()
+    stashes, seen = [], set(exclude)
     for t in tensors:
         if t.device.type != device_type:
             continue
@@ -224,12 +223,21 @@ class Offloader:
         """Bring `tags` (all when none given) back to the GPU; idempotent per tag."""
         return self._run(self._select(tags), offload=False)
 
+    def _resident_storages(self, leaving: list[str]) -> set[int]:
+        """Storages that tags staying on the GPU use (a fp32 model's params are also its optimizer's params)."""
+        keys = set()
+        for name, tag in self._tags.items():
+            if name not in leaving and not tag.offloaded:
+                keys.update(t.untyped_storage()._cdata for obj in tag.objects for t in tensors_of(obj) if t.is_cuda)
+        return keys
+
     def _run(self, names: list[str], offload: bool) -> OffloadStats:
         stats = OffloadStats(self.backend if not self._tms else "auto(memory_saver+move)", tuple(names))
         if self.backend == "none":
             return stats
         stats.gpu_allocated_before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
+        resident = self._resident_storages(names) if offload else set()
         for name in names:
             tag = self._tags[name]
             if tag.offloaded == offload:
@@ -238,7 +246,8 @@ class Offloader:
                 (self._tms.pause if offload else self._tms.resume)(name)
             if offload:
                 tensors = (t for obj in tag.objects for t in tensors_of(obj))
-                tag.stashes = offload_storages(tensors, "cuda", self.pin_memory, tag.keep if tag.frozen else None)
+                tag.stashes = offload_storages(tensors, "cuda", self.pin_memory, tag.keep if tag.frozen else None,
+                                               exclude=resident)
                 if tag.frozen:
                     tag.keep = {s.storage._cdata: s.cpu for s in tag.stashes}
                 stats.storages += len(tag.stashes)

@@ -100,4 +100,11 @@ def build_optimizer(
         wd_incr_steps=lr_decay_steps,
         wd_incr_style="constant",
     )
+    # As Megatron-LM's training loop does: the schedule finalises gradients after the last micro-batch
+    # (DP all-reduce / reduce-scatter, tied-embedding all-reduce between the first and last PP stage) and
+    # applies the optimizer's loss scale in the backward.
+    from megatron.core.distributed import finalize_model_grads
+
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.grad_scale_func = optimizer.scale_loss
     return ddp_module, optimizer, scheduler

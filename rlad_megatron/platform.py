@@ -199,7 +199,7 @@ def init_distributed(timeout_s: int = 600) -> None:
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     backend = "nccl" if has_cuda() else "gloo"
     if has_cuda():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))

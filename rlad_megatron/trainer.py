@@ -26,7 +26,7 @@ from rlad_megatron.evaluation import evaluate
 from rlad_megatron.models.forward import compute_logprobs
 from rlad_megatron.rewards import score_batch
 from rlad_megatron.rollout.base import Rollout, SamplingParams
-from rlad_megatron.update import update_policy
+from rlad_megatron.update import NonFiniteError, update_policy
 
 
 def train(args: Namespace) -> dict:
@@ -35,21 +35,27 @@ def train(args: Namespace) -> dict:
     c.extra["engine_stale"] = True
     if args.algo == "sft":
         c.extra["sft_pool"] = sft_traces(c)
-    log = make_logger(c)
+    log = make_logger(c, state["step"])
+    metrics: dict = {}
     if state["step"] == 0 and c.eval_prompts:
-        log.log(0, evaluate_student(c))
+        before = evaluate_student(c)
+        log.log(0, before)
+        if platform.is_rank0():
+            print("eval before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()), flush=True)
     for step in range(state["step"], args.train_iters):
         t0 = time.perf_counter()
         batch, metrics = collect_batch(c, step)
         if args.algo in IS_RL:
             batch.old_logp, _ = compute_logprobs(c.student, batch.tokens, temperature=args.rollout_temperature,
                                                  micro_batch_size=args.micro_batch_size)
+            check_finite(batch.old_logp, batch.response_mask, "student log-probs", step + 1)
             metrics |= batch_diagnostics(batch)
         if args.algo in NEEDS_TEACHER_LOGP:
             batch.teacher_logp, _ = compute_logprobs(c.teacher, batch.tokens, temperature=args.rollout_temperature,
                                                      micro_batch_size=args.micro_batch_size)
+            check_finite(batch.teacher_logp, batch.response_mask, "teacher log-probs", step + 1)
             metrics |= teacher_diagnostics(batch)
-        metrics |= update_policy(c.student, c.ddp, c.optimizer, c.scheduler, batch, args, step=step,
+        metrics |= update_policy(c.student, c.ddp, c.optimizer, c.scheduler, batch, args, step=step + 1,
                                  teacher_logits_fn=teacher_logits_fn(c))
         c.extra["engine_stale"] = True
         if args.algo != "sft":  # SFT generates nothing: sync only before an eval
@@ -61,8 +67,9 @@ def train(args: Namespace) -> dict:
         log.log(step + 1, metrics)
         if args.save and args.save_interval and (step + 1) % args.save_interval == 0:
             save(c, step + 1)
-    final = evaluate_student(c) if c.eval_prompts else {}
-    if final:
+    final = metrics if last_step_evaluated(args) else (evaluate_student(c) if c.eval_prompts else {})
+    final = {k: v for k, v in final.items() if k.startswith("eval/")}
+    if final and not last_step_evaluated(args):
         log.log(args.train_iters, final)
     log.close()
     if args.save_hf:
@@ -70,6 +77,10 @@ def train(args: Namespace) -> dict:
 
         save_hf_checkpoint(c.student, hf_template(c), args.save_hf, overwrite=True)
     return final
+
+
+def last_step_evaluated(args: Namespace) -> bool:
+    return bool(args.eval_interval) and args.train_iters % args.eval_interval == 0 and args.train_iters > 0
 
 
 # ------------------------------------------------------------------------------------------------ rollouts
@@ -102,28 +113,30 @@ def collect_batch(c: Components, step: int) -> tuple[RolloutBatch, dict]:
     if args.algo == "sft":
         return sft_batch(c), {}
     n, want = args.n_samples_per_prompt, args.rollout_batch_size
-    kept_rollouts, kept_rewards, drawn, zero_groups = [], [], 0, 0
+    kept: list[tuple[list[Rollout], list[float]]] = []  # groups with a reward signal
+    spare: list[tuple[list[Rollout], list[float]]] = []  # zero-variance groups (advantage 0)
+    drawn = 0
     for round_ in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
-        need = want - len(kept_rewards) // n
+        need = want - len(kept) if args.dynamic_sampling else want
         samples = c.train_prompts.next_batch(need)
         if c.extra.get("engine_stale"):
             sync_weights(c, version=f"step{step}")
         rollouts, rewards = generate_and_score(c, samples, n, sampling_params(args, step * 1000 + round_))
-        r = torch.tensor(rewards).view(need, n)
-        informative = r.std(-1) > 0
-        zero_groups += int((~informative).sum())
         drawn += need
         for g in range(need):
-            if informative[g] or not args.dynamic_sampling:
-                kept_rollouts += rollouts[g * n:(g + 1) * n]
-                kept_rewards += rewards[g * n:(g + 1) * n]
-        if len(kept_rewards) // n >= want:
+            group = (rollouts[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
+            informative = len(set(group[1])) > 1
+            (kept if informative or not args.dynamic_sampling else spare).append(group)
+        if len(kept) >= want:
             break
-    if not kept_rewards:  # every group had equal rewards in every round: train on the last draw (A = 0)
-        kept_rollouts, kept_rewards = rollouts, rewards
-    groups = len(kept_rewards) // n
-    kept_rollouts, kept_rewards = kept_rollouts[: min(groups, want) * n], kept_rewards[: min(groups, want) * n]
+    zero_groups = len(spare) + sum(len(set(r)) == 1 for _, r in kept)
+    groups = (kept + spare)[:want]  # top up with zero-advantage groups when sampling rounds run out
+    kept_rollouts = [r for g, _ in groups for r in g]
+    kept_rewards = [x for _, rs in groups for x in rs]
     rewards_t = torch.tensor(kept_rewards, dtype=torch.float32)
+    if not torch.isfinite(rewards_t).all():
+        raise NonFiniteError(f"step {step + 1}: the reward function returned non-finite values "
+                             f"({int((~torch.isfinite(rewards_t)).sum())} of {len(rewards_t)}; --reward {c.reward})")
     adv = grpo_advantages(rewards_t.view(-1, n)).view(-1)
     batch = build_batch(kept_rollouts, rewards_t, adv, pad_id=pad_id(c))
     lengths = torch.tensor([len(r.output_ids) for r in kept_rollouts], dtype=torch.float32)
@@ -141,6 +154,15 @@ def collect_batch(c: Components, step: int) -> tuple[RolloutBatch, dict]:
 def pad_id(c: Components) -> int:
     tok = c.tokenizer
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def check_finite(x: torch.Tensor, mask: torch.Tensor, what: str, step: int) -> None:
+    """`x` is identical on every rank, so every rank raises together. Steps are counted from 1, as logged."""
+    bad = ~torch.isfinite(x) & (mask > 0)
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise NonFiniteError(f"step {step}: non-finite {what} ({int(bad.sum())} tokens, first at sequence {row}, "
+                             f"position {col}); lower --lr or check the checkpoint")
 
 
 def batch_diagnostics(batch: RolloutBatch) -> dict:
@@ -289,11 +311,21 @@ def teacher_logits_fn(c: Components):
     return fn
 
 
-def make_logger(c: Components):
-    from rlad_megatron.metrics_log import MetricsLogger
+def make_logger(c: Components, start_step: int):
+    """A fresh run starts a new metrics.jsonl; a resumed one keeps the lines up to the resumed step, so
+    the file reads as one uninterrupted run."""
+    import json
+    from pathlib import Path
 
+    from rlad_megatron.metrics_log import METRICS_FILE, MetricsLogger
+
+    path = Path(c.args.output_dir) / METRICS_FILE
+    if platform.is_rank0() and path.exists():
+        keep = [line for line in path.read_text().splitlines()
+                if start_step and line.strip() and json.loads(line)["step"] <= start_step]
+        path.write_text("".join(line + "\n" for line in keep))
     return MetricsLogger(c.args.output_dir, tensorboard_dir=c.args.tensorboard_dir, wandb_project=c.args.wandb_project,
-                         total_steps=c.args.train_iters)
+                         total_steps=c.args.train_iters, start_step=start_step)
 
 
 def train_state(c: Components, step: int) -> dict:

@@ -37,6 +37,29 @@ def mean_metrics(local: list[dict]) -> dict[str, float]:
     return {k: sum(m[k] for m in rows if k in m) / max(1, sum(k in m for m in rows)) for k in keys}
 
 
+def make_loss_fn(student: Model, args: Namespace, errors: list[str], *, scale: float, teacher_logits_fn=None):
+    """The schedule's loss function for one mini-batch. A bad value must not raise on one rank while the
+    others wait in a collective: it is recorded in `errors`, the backward runs on a zero loss, and the
+    caller raises on every rank after the schedule. `scale` turns a micro-batch token-mean into its share
+    of the global token-mean (`n_micro * dp / global_tokens`)."""
+
+    def loss_fn(mb: dict, logits: torch.Tensor):
+        try:
+            loss, metrics = micro_batch_loss(mb, logits, args=args, tp_group=student.pg.tp,
+                                             vocab_size=student.spec.vocab_size, teacher_logits_fn=teacher_logits_fn)
+        except ValueError as err:
+            errors.append(str(err))
+            return logits.sum() * 0.0, {}
+        if args.loss_agg == "token-mean":
+            loss = loss * (float(mb["response_mask"].sum()) * scale)
+        if not torch.isfinite(loss):
+            errors.append(f"non-finite loss {float(loss)}")
+            return logits.sum() * 0.0, {}
+        return loss, metrics
+
+    return loss_fn
+
+
 def update_policy(student: Model, ddp_module, optimizer, scheduler, batch: RolloutBatch, args: Namespace,
                   *, step: int, teacher_logits_fn=None) -> dict[str, float]:
     n = len(batch)
@@ -44,28 +67,31 @@ def update_policy(student: Model, ddp_module, optimizer, scheduler, batch: Rollo
     if n % n_updates:
         raise ValueError(f"rollout batch of {n} sequences is not divisible by --num-updates-per-rollout {n_updates}")
     dp, dp_rank = student.pg.dp.size(), student.pg.dp.rank()
-    mbs = args.micro_batch_size
+    rows = n // n_updates
+    if rows % dp:
+        raise ValueError(f"global batch of {rows} sequences is not divisible by the data-parallel size {dp}")
+    mbs = min(args.micro_batch_size, rows // dp)
+    if (rows // dp) % mbs:
+        raise ValueError(f"{rows // dp} sequences per data-parallel rank are not divisible by --micro-batch-size {mbs}")
     out: dict[str, float] = {}
     for u in range(n_updates):
         mini = batch.select(slice(u * n // n_updates, (u + 1) * n // n_updates))
         global_tokens = float(mini.response_mask.sum())
-        mini = mini.pad_rows(dp * mbs)
         local = mini.select(split_rows(len(mini), dp, dp_rank))
         micro = [_mb_dict(local.select(slice(i, i + mbs))) for i in range(0, len(local), mbs)]
         n_mb = len(micro)
 
-        def loss_fn(mb: dict, logits: torch.Tensor):
-            loss, metrics = micro_batch_loss(mb, logits, args=args, tp_group=student.pg.tp,
-                                             vocab_size=student.spec.vocab_size, teacher_logits_fn=teacher_logits_fn)
-            if args.loss_agg == "token-mean":
-                loss = loss * (float(mb["response_mask"].sum()) * n_mb * dp / max(global_tokens, 1.0))
-            if not torch.isfinite(loss):
-                raise NonFiniteError(f"step {step}: non-finite loss {float(loss)} in update {u}")
-            return loss, metrics
-
+        errors: list[str] = []
+        loss_fn = make_loss_fn(student, args, errors, scale=n_mb * dp / max(global_tokens, 1.0),
+                               teacher_logits_fn=teacher_logits_fn)
         ddp_module.zero_grad_buffer()
         optimizer.zero_grad()
         metrics = run_schedule(student, ddp_module, micro, loss_fn, forward_only=False)
+        all_errors: list[list[str]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(all_errors, errors)
+        if any(all_errors):
+            first = next(e for e in all_errors if e)[0]
+            raise NonFiniteError(f"step {step}, update {u}: {first}")
         ok, grad_norm, _ = optimizer.step()
         if grad_norm is not None and not math.isfinite(grad_norm):
             raise NonFiniteError(f"step {step}: non-finite gradient norm {grad_norm} in update {u}")

@@ -94,6 +94,18 @@ def test_does_not_modify_logits_in_place():
     assert torch.equal(x.detach(), before)
 
 
+def test_nan_logits_of_a_masked_token_do_not_reach_other_gradients():
+    x = torch.randn(2, 4, 16)
+    x[1, 3, 5] = float("nan")  # e.g. a padding position
+    x.requires_grad_(True)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 3] = False
+    lp, h = vocab_parallel_logprobs(x, torch.randint(0, 16, (2, 4)), with_entropy=True, chunk_size=3)
+    assert torch.isnan(lp[1, 3]) and torch.isfinite(lp[mask]).all()
+    torch.where(mask, lp + h, 0.0).sum().backward()
+    assert torch.isfinite(x.grad).all() and (x.grad[1, 3] == 0).all() and (x.grad[0] != 0).any()
+
+
 def test_working_set_is_bounded_by_chunk():
     x = torch.randn(64, 80, requires_grad=True)
     mode = MaxAllocation(allow=(torch.ops.aten.empty_like.default,))  # the gradient buffer itself

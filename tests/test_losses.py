@@ -182,6 +182,12 @@ def test_masked_nan_does_not_leak():
     assert all(torch.isfinite(v).all() for v in m.values())
 
 
+def test_ratio_overflow_is_an_error_not_a_nan():
+    logp, old = torch.zeros(1, 2), torch.tensor([[-100.0, 0.0]])  # r = e^100 overflows fp32
+    with pytest.raises(ValueError, match="overflows exp"):
+        grpo_loss(logp, old, torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool))
+
+
 def test_reference_kl_term():
     logp, old, teacher, adv, mask = rollout(7)
     ref_logp = old - 0.3
@@ -380,3 +386,13 @@ def test_other_losses_bad_inputs():
         vocab_parallel_divergence(s, s, vocab_size=9)
     with pytest.raises(ValueError, match="mask shape"):
         gkd_loss(s, s, torch.ones(3, 2))
+    nan = s.clone()
+    nan[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite at 1 unmasked"):
+        gkd_loss(nan, s, torch.ones(2, 3))
+    mask = torch.ones(2, 3)
+    mask[1, 2] = 0
+    x = nan.clone().requires_grad_(True)
+    loss, _ = gkd_loss(x, s, mask)  # NaN only at a masked position: ignored in the value and the gradient
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(x.grad).all() and (x.grad[1, 2] == 0).all()

@@ -100,7 +100,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
                 gs = (s - t).sub_(aux[rows, None]).mul_(s.exp())
             else:
                 gs = (s - _log_mix(s, t, beta)).sub_(aux[rows, None]).mul_(s.exp()).mul_(1.0 - beta)
-            grad[rows, : shard.valid] = gs.mul_(g[rows, None].to(gs.dtype) / temperature)
+            gs.mul_(g[rows, None].to(gs.dtype) / temperature).masked_fill_((g[rows] == 0)[:, None], 0.0)
+            grad[rows, : shard.valid] = gs  # rows with zero upstream gradient (masked) stay 0 even for NaN logits
         return grad, None, None, None, None, None, None, None
 
 
@@ -113,7 +114,7 @@ def vocab_parallel_divergence(
     group: ProcessGroup | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
 ) -> Tensor:
     """Per-token divergence ``[...]`` (fp32; fp64 for fp64 logits) between ``[..., vocab/tp]`` logits.
 
@@ -151,7 +152,7 @@ def gkd_loss(
     group: ProcessGroup | None = None,
     temperature: float = 1.0,
     vocab_size: int | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int = 1024,
     agg: str = "token-mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``agg`` of the per-token divergence over ``mask``; logits ``[batch, resp_len, vocab/tp]``, mask
@@ -163,6 +164,10 @@ def gkd_loss(
     per_token = vocab_parallel_divergence(student_logits, teacher_logits, divergence=divergence, beta=beta,
                                           group=group, temperature=temperature, vocab_size=vocab_size,
                                           chunk_size=chunk_size)
+    bad = ~torch.isfinite(per_token) & mask
+    if bool(bad.any()):
+        raise ValueError(f"student_logits/teacher_logits: divergence is non-finite at {int(bad.sum())} unmasked "
+                         f"token(s) (NaN/inf logits?)")
     loss = aggregate(per_token, mask, agg)
     return loss, {"loss": loss.detach().float(), "divergence": masked_mean(per_token, mask),
                   "num_tokens": mask.sum().float()}

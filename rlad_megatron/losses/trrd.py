@@ -106,6 +106,9 @@ def trrd_loss(
         lr_t = lr_teacher if teacher_clamp is None else torch.clamp(lr_teacher, -teacher_clamp, teacher_clamp)
         log_r = alpha * lr_old + (1.0 - alpha) * lr_t
     ratio = torch.exp(log_r)
+    if not bool(torch.isfinite(ratio).all()):  # exp overflow: a silent inf loss or NaN gradient otherwise
+        raise ValueError(f"logp/old_logp/teacher_logp: log importance ratio {float(log_r.max()):.1f} overflows exp "
+                         f"in {ratio.dtype}; the rollout log-probs do not match the policy")
     loss_t = clipped_surrogate(ratio, adv, eps_low, eps_high, dual_clip)
     pg_loss = aggregate(loss_t, mask, agg)
     loss = pg_loss

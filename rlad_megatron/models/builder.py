@@ -55,7 +55,7 @@ def te_available() -> bool:
         return False
     try:
         import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # the empty TE meta package raises RuntimeError, not ImportError
+    except (ImportError, RuntimeError, OSError):  # the empty TE meta package raises RuntimeError
         return False
     return True
 
@@ -151,6 +151,9 @@ def build_model(
         rotary_base=int(spec.rope_theta) if float(spec.rope_theta).is_integer() else spec.rope_theta,
         pg_collection=pg,
     )
+    for p in module.parameters():  # the torch-norm fallback of the local spec allocates fp32 weights
+        if p.dtype != params_dtype:
+            p.data = p.data.to(params_dtype)
     if spec.rope_scaling is not None:
         rope = module.rotary_pos_emb
         rope.inv_freq = _llama3_inv_freq(rope.inv_freq, spec.rope_scaling)

@@ -61,6 +61,12 @@ def run_schedule(model: Model, module, micro_batches: list[dict], loss_fn: LossF
     )
 
 
+def next_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """`[b, L]` targets aligned with every logit position (the last one gets a dummy 0): scoring the full
+    `[b, L, vocab/tp]` logits avoids copying a non-contiguous `[:, :-1]` slice of them."""
+    return torch.cat([tokens[:, 1:], tokens.new_zeros(tokens.shape[0], 1)], dim=1)
+
+
 def split_rows(n: int, world: int, rank: int) -> slice:
     per = n // world
     return slice(rank * per, (rank + 1) * per)
@@ -111,15 +117,12 @@ def compute_logprobs(
     micro_batches = [{"tokens": t} for t in local.split(micro_batch_size)]
 
     def score(mb: dict, logits: torch.Tensor):
-        b = logits.shape[0]
-        targets = mb["tokens"][:, 1:].to(logits.device)
-        logp, ent = vocab_parallel_logprobs(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1), group=model.pg.tp,
-            temperature=temperature, vocab_size=model.spec.vocab_size, with_entropy=with_entropy,
-        )
-        out = {"logp": logp.view(b, -1)}
+        logp, ent = vocab_parallel_logprobs(logits, next_tokens(mb["tokens"]).to(logits.device), group=model.pg.tp,
+                                            temperature=temperature, vocab_size=model.spec.vocab_size,
+                                            with_entropy=with_entropy)
+        out = {"logp": logp[:, :-1]}
         if with_entropy:
-            out["entropy"] = ent.view(b, -1)
+            out["entropy"] = ent[:, :-1]
         return logits.new_zeros(()), out
 
     was_training = model.module.training

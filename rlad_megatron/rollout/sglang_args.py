@@ -20,9 +20,19 @@ PREFIX = "--sglang-"
 DEST = "sgl__"  # namespace dest prefix; distinct from the project's own --sglang-urls (dest sglang_urls)
 
 
+def import_sglang():
+    """The installed sglang package; ImportError when missing. A bare `sglang/` folder on sys.path (e.g. the
+    repo's tests/sglang/ under pytest) imports as an empty namespace package and is not mistaken for it."""
+    import sglang
+
+    if getattr(sglang, "__file__", None) is None:
+        raise ImportError(f"'sglang' resolves to a namespace folder {list(sglang.__path__)}, not the SGLang package")
+    return sglang
+
+
 def sglang_available() -> bool:
     try:
-        import sglang  # noqa: F401
+        import_sglang()
     except Exception:  # noqa: BLE001 - a broken install (missing CUDA libs) raises more than ImportError
         return False
     return True
@@ -43,7 +53,7 @@ def parse_version(text: str) -> tuple[int, ...]:
 
 def installed_version() -> tuple[int, ...] | None:
     try:
-        import sglang
+        sglang = import_sglang()
     except Exception:  # noqa: BLE001 - see sglang_available
         return None
     return parse_version(getattr(sglang, "__version__", "0"))

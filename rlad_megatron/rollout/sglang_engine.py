@@ -41,7 +41,7 @@ from urllib.parse import urlparse
 import torch
 
 from rlad_megatron.rollout.base import GREEDY_EPS, MEMORY_TAGS, Rollout, SamplingParams, WeightUpdateError
-from rlad_megatron.rollout.sglang_args import parse_version, server_cli_argv
+from rlad_megatron.rollout.sglang_args import import_sglang, parse_version, server_cli_argv
 
 log = logging.getLogger(__name__)
 
@@ -67,10 +67,9 @@ class LogprobParityError(WeightUpdateError):
 def require_sglang():
     """Import sglang or raise a RuntimeError with install instructions."""
     try:
-        import sglang
+        return import_sglang()
     except Exception as e:  # CUDA-less installs fail with OSError/RuntimeError, not only ImportError
         raise RuntimeError(f"{INSTALL_HINT} ({type(e).__name__}: {e})") from e
-    return sglang
 
 
 def _check_result(result, what: str) -> None:
@@ -91,15 +90,16 @@ def _check_result(result, what: str) -> None:
 
 
 def init_weight_group(backend: str, address: str, port: int, world_size: int, rank: int, group_name: str,
-                      timeout_s: float):
+                      timeout_s: float, prefer_sglang: bool = True):
     """Join a process group outside the default one (the trainer's side of SGLang's weight-update group).
 
-    Uses SGLang's own `init_custom_process_group` when importable, else the same torch recipe (TCP rendezvous,
-    prefixed store, `_new_process_group_helper`) so the store keys match the engines'.
+    Uses SGLang's own `init_custom_process_group` when importable (and `prefer_sglang`), else the same torch
+    recipe (TCP rendezvous, store prefixed by the group name, `_new_process_group_helper`), so the store keys
+    match the engines' and a trainer without sglang installed can drive remote servers.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     helper = None
-    for mod in ("sglang.srt.utils.common", "sglang.srt.utils"):
+    for mod in ("sglang.srt.utils.common", "sglang.srt.utils") if prefer_sglang else ():
         try:
             helper = __import__(mod, fromlist=["init_custom_process_group"]).init_custom_process_group
             break
@@ -607,11 +607,16 @@ def rollout_from_output(prompt: Sequence[int], out: dict, version: str,
 
 
 def _tail_logprobs(entries: list, seq: Sequence[int], n: int) -> list:
-    """The last `n` entries of SGLang's input log-prob list, checked against the last `n` tokens of `seq`."""
+    """The last `n` entries of SGLang's input log-prob list, checked against the last `n` tokens of `seq`.
+
+    SGLang 0.5.23 reports the id of token `vocab_size - 1` as 0 in input-log-prob triples (the log-prob itself is
+    that of the right token, checked against an HF forward), so a reported 0 is accepted for any token.
+    """
     if n == 0:
         return []
     tail = entries[-n:]
-    if len(tail) != n or [int(e[1]) for e in tail] != list(seq[-n:]) or any(e[0] is None for e in tail):
+    ok = len(tail) == n and all(e[0] is not None and int(e[1]) in (int(t), 0) for e, t in zip(tail, seq[-n:]))
+    if not ok:
         raise RuntimeError(f"SGLang prefill log-probs do not line up with the scored tokens ({len(entries)} entries "
                            f"for {n} tokens)")
     return tail
@@ -791,9 +796,9 @@ class SGLangEngine:
                 continue
             tops = meta["input_top_logprobs"][-n:] if n else []
             row = []
-            for (_, tok, _), top in zip(tail, tops, strict=True):
+            for tok, top in zip(s[-n:], tops, strict=True):
                 raw = torch.tensor([float(e[0]) for e in top], dtype=torch.float64) / temp
-                target = next(float(e[0]) for e in top if int(e[1]) == int(tok)) / temp
+                target = next(float(e[0]) for e in top if int(e[1]) == tok) / temp
                 row.append(target - torch.logsumexp(raw, 0).item())
             result.append(row)
         return result

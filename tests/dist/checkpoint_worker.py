@@ -1,8 +1,9 @@
 """Checkpoint checks (run by tests/test_checkpoint.py).
 
 Modes:
-  dist DIR          under torchrun (2 ranks): bit-exact resume (plain / DistributedOptimizer, TP=2 and
-                    TP=1 x DP=2, with dropout so RNG restore matters), TP=2 -> TP=1 reshard, meta checks.
+  dist DIR          under torchrun (2 ranks): bit-exact resume (plain / DistributedOptimizer / bf16, TP=2 and
+                    TP=1 x DP=2, with dropout so RNG restore matters), TP=2 -> TP=1 and PP=2 -> PP=1 reshard,
+                    meta / optimizer-kind errors.
   save_hook DIR     1 process: save step 1, then save step 2 with a sleep before the rename (killed there).
   save_loop DIR     1 process: train + save every step forever, keep_last=2 (killed at a random moment).
   verify DIR...     1 process: `latest` of each DIR loads and equals a from-scratch rerun to that step;
@@ -257,6 +258,7 @@ def dist_main(root: Path) -> None:
     check_resume(root, tp=2, distopt=True, sharding="dp_reshardable", tie=True)
     check_resume(root, tp=1, distopt=True, sharding="dp_reshardable")
     check_resume(root, tp=2, distopt=False, bf16=True)
+    check_resume(root, tp=1, distopt=True, bf16=True)
     check_reshard(root, distopt=False)
     check_reshard(root, distopt=True)
     check_reshard(root, distopt=True, sharding="dp_reshardable")

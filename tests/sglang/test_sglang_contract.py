@@ -12,14 +12,15 @@ import time
 import pytest
 import torch
 
-sglang = pytest.importorskip("sglang", reason="sglang is not installed: see docs/sglang_cpu_lane.md (CPU lane) or "
-                                              "pip install -e .[gpu]")
+# a submodule: under pytest the bare tests/sglang/ folder imports as an empty namespace package "sglang"
+pytest.importorskip("sglang.srt.server_args", reason="sglang is not installed: see docs/sglang_cpu_lane.md (CPU lane) "
+                                                     "or pip install -e .[gpu]")
+import sglang
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from transformers import Qwen2Config, Qwen2ForCausalLM  # noqa: E402
-
-from rlad_megatron.rollout.base import RolloutEngine, SamplingParams, WeightUpdateError  # noqa: E402
-from rlad_megatron.rollout.sglang_args import parse_version  # noqa: E402
-from rlad_megatron.rollout.sglang_engine import (  # noqa: E402
+from rlad_megatron.rollout.base import RolloutEngine, SamplingParams, WeightUpdateError
+from rlad_megatron.rollout.sglang_args import parse_version
+from rlad_megatron.rollout.sglang_engine import (
     SESSION_MIN_VERSION,
     LogprobParityError,
     ServerProcess,
@@ -27,7 +28,7 @@ from rlad_megatron.rollout.sglang_engine import (  # noqa: E402
     check_logprob_parity,
     tail_logprobs,
 )
-from rlad_megatron.rollout.weight_sync import push_weights  # noqa: E402
+from rlad_megatron.rollout.weight_sync import push_weights
 
 torch.set_num_threads(1)
 VOCAB = 512
@@ -224,7 +225,21 @@ def test_remote_update_without_session_errors_and_does_not_hang(remote, models):
     assert_follows(remote, models["a"])
 
 
+def test_remote_group_without_sglang_helper(remote, models, monkeypatch):
+    """The trainer-side group built by plain torch (no sglang on the trainer) matches SGLang's engine side."""
+    import functools
+
+    from rlad_megatron.rollout import sglang_engine
+
+    monkeypatch.setattr(sglang_engine, "init_weight_group",
+                        functools.partial(sglang_engine.init_weight_group, prefer_sglang=False))
+    remote._t._group = None
+    push_weights(remote, named_weights(models["a"]), version="r4", bucket_bytes=128 * 1024)
+    assert_follows(remote, models["a"])
+
+
 def test_remote_restart_once_then_clear_error(remote, models):
+    """Runs last: it kills the server twice (the second death is final)."""
     server = remote._t.servers[0]
     server.proc.kill()
     server.proc.wait()

@@ -1,0 +1,694 @@
+"""Tiny CPU reproduction of RLAD's comparison: GRPO vs KDRL vs RLAD (TRRD, alpha 0.5) vs offline SFT distillation.
+
+    python -m rlad_megatron.reproduce                 # full run (~40 min on 2 cores): writes docs/reproduction.md
+    python -m rlad_megatron.reproduce --quick --out /tmp/q      # CI smoke run (a few minutes), writes only to --out
+    python -m rlad_megatron.reproduce --tune --out /tmp/tune    # the short tuning grid the full recipe was fixed from
+
+Stages (every one a subprocess running project code only, offline and seeded; logs under `<out>/logs/`):
+
+1. The tiny pair with the exact commands of `examples/rlad_tiny_cpu.sh`: random Qwen2 models over the char
+   tokenizer (teacher d=64, student d=32), teacher SFT on column-addition traces for longer, student SFT briefly.
+2. For every method and seed, `rlad-train` on the student with identical budgets and hyper-parameters apart
+   from the method (same RL steps, prompts per step, samples per prompt, lr, schedule, updates per rollout,
+   training prompts, held-out set, and the same ranks: student TP=1 x DP=2, teacher TP=2):
+   `grpo`; `kdrl` (+ kl_coef KL(student||teacher), k2); `rlad` (TRRD, alpha 0.5, clip 0.2/0.28, clamp 1);
+   `sft --sft-source teacher` (offline distillation: the teacher samples n answers for the same training
+   prompts the RL methods see, correct ones are kept, the student is fine-tuned on them with the same number
+   of steps and sequences per step).
+   Held-out accuracy (greedy, `--eval-size` builtin eval items, fixed `--eval-seed`) is logged every
+   `eval_interval` steps to `metrics.jsonl`, and the final student is exported as an HF dir.
+3. `rlad-eval` (Mean@k / Pass@k at the paper's eval sampling, T=0.6, top-p 0.95) of every final student, of
+   the student before training and of the teacher, with per-subset numbers (2 vs 3 terms).
+4. The report: the table (mean and spread over seeds; numbers parsed back from each run's own metrics and
+   eval JSON), the diagnostics (zero-advantage groups, clip and teacher-gate fractions, teacher/student
+   log-ratio), the commands, the machine, the wall-clock, and the accuracy-over-steps PNG.
+
+`--quick` uses tiny budgets and writes only under `--out`; the full run writes `docs/reproduction.md` and
+`docs/reproduction_accuracy.png` (plus a copy of both under `--out`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform as pyplatform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("grpo", "kdrl", "rlad", "sft")
+METHOD_LABEL = {"grpo": "GRPO", "kdrl": "KDRL", "rlad": "RLAD (TRRD, alpha 0.5)",
+                "sft": "SFT distillation (teacher traces)"}
+ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
+# the diagnostics averaged per method over all logged steps (metric key -> report label)
+DIAGNOSTICS = {
+    "reward/mean": "train reward (T=1)",
+    "rollout/zero_adv_group_frac": "zero-adv. groups",
+    "clip_frac_low": "clip low",
+    "clip_frac_high": "clip high",
+    "gate_blocked_pos": "gate blocked A>0",
+    "gate_blocked_neg": "gate blocked A<0",
+    "gate_enabled_pos": "gate enabled A>0",
+    "gate_enabled_neg": "gate enabled A<0",
+    "teacher_clamp_frac": "teacher clamp",
+    "log_ratio_teacher_mean": "log pi_S/pi_T",
+    "kl_teacher": "KL(S||T) k2",
+    "entropy": "entropy",
+}
+
+
+@dataclass
+class Recipe:
+    """Every knob of the comparison. Only the method differs between runs; `kl_coef` is KDRL's own knob."""
+
+    # the pair: exactly examples/rlad_tiny_cpu.sh
+    teacher_iters: int = 1500
+    student_iters: int = 1000
+    # RL budget, identical for every method
+    rl_iters: int = 200
+    rollout_batch_size: int = 8  # prompts per step
+    n_samples: int = 8  # samples per prompt (SFT: sequences per step = the same 64)
+    micro_batch_size: int = 32
+    num_updates: int = 2  # optimizer steps per rollout batch (pi_S != pi_old from the second on)
+    lr: float = 1e-4
+    lr_warmup_steps: int = 10
+    kl_coef: float = 0.1  # KDRL only
+    alpha: float = 0.5  # RLAD only (the paper's value)
+    max_response_len: int = 60
+    eval_interval: int = 20
+    eval_size: int = 256
+    eval_seed: int = 1234  # builtin eval split: generator seed 1234 + 10**9, disjoint from every training seed
+    nproc: int = 2
+    teacher_tp: int = 2
+    seeds: tuple[int, ...] = (1, 2, 3)
+    methods: tuple[str, ...] = METHODS
+    # final sampled evaluation (rlad-eval), the paper's eval sampling
+    final_k: int = 8
+    final_temperature: float = 0.6
+    final_top_p: float = 0.95
+
+    def check(self) -> None:
+        if self.rl_iters % self.eval_interval:
+            raise ValueError(f"rl_iters {self.rl_iters} must be a multiple of eval_interval {self.eval_interval}")
+        unknown = set(self.methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
+
+
+QUICK = dict(teacher_iters=500, student_iters=150, rl_iters=4, eval_interval=2, eval_size=64, seeds=(1,),
+             final_k=4)
+# What was tuned before fixing `Recipe` (short runs: `--tune`, 1 seed, a separate tuning eval seed, same
+# grid for every method): the shared lr x updates-per-rollout, then KDRL's kl_coef at the chosen setting.
+TUNE_GRID = dict(lr=(1e-4, 3e-4), num_updates=(1, 2))
+TUNE_KL = (0.01, 0.1, 1.0)
+TUNE_BUDGET = dict(rl_iters=100, eval_interval=25, seeds=(1,), eval_seed=777)
+
+
+# ------------------------------------------------------------------------------------------------ commands
+
+
+def pair_commands(out: Path, r: Recipe, py: str = "python") -> list[tuple[str, list[str], Path]]:
+    """(name, argv, the dir it produces) for the pair, flag for flag examples/rlad_tiny_cpu.sh."""
+    common = ["--prompt-data", "builtin:addition", "--eval-data", "builtin:addition", "--eval-size", "256",
+              "--no-chat-template", "--max-response-len", "60"]
+    sft = ["--algo", "sft", "--sft-source", "dataset", "--train-size", "100000", "--rollout-batch-size", "64",
+           "--n-samples-per-prompt", "1", "--micro-batch-size", "64", "--lr", "3e-3", "--lr-warmup-steps", "20"]
+    return [
+        ("make_teacher", [py, "tools/make_tiny_model.py", "--out", str(out / "teacher_init"), "--size", "teacher",
+                          "--seed", "1"], out / "teacher_init"),
+        ("make_student", [py, "tools/make_tiny_model.py", "--out", str(out / "student_init"), "--size", "student",
+                          "--seed", "2"], out / "student_init"),
+        ("sft_teacher", [py, "-m", "rlad_megatron.train", *common, *sft, "--student-hf", str(out / "teacher_init"),
+                         "--train-iters", str(r.teacher_iters), "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+                         "--seed", "1", "--output-dir", str(out / "sft_teacher"), "--save-hf", str(out / "teacher")],
+         out / "teacher"),
+        ("sft_student", [py, "-m", "rlad_megatron.train", *common, *sft, "--student-hf", str(out / "student_init"),
+                         "--train-iters", str(r.student_iters), "--seed", "2", "--output-dir",
+                         str(out / "sft_student"), "--save-hf", str(out / "student")], out / "student"),
+    ]
+
+
+def method_flags(method: str, r: Recipe, teacher: Path) -> list[str]:
+    if method == "grpo":
+        return ["--algo", "grpo"]
+    if method == "kdrl":
+        return ["--algo", "kdrl", "--teacher-hf", str(teacher), "--kl-coef", str(r.kl_coef), "--kl-estimator", "k2"]
+    if method == "rlad":
+        return ["--algo", "rlad", "--teacher-hf", str(teacher), "--alpha", str(r.alpha)]
+    if method == "sft":
+        return ["--algo", "sft", "--sft-source", "teacher", "--teacher-hf", str(teacher)]
+    raise ValueError(method)
+
+
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    return out / "runs" / f"{method}_seed{seed}"
+
+
+def rl_command(method: str, seed: int, r: Recipe, out: Path, pair: Path, py: str = "python") -> list[str]:
+    """One training run. Everything but `method_flags` is shared by all methods."""
+    d = run_dir(out, method, seed)
+    launcher = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={r.nproc}"]
+    return [*launcher, "-m", "rlad_megatron.train",
+            "--prompt-data", "builtin:addition", "--eval-data", "builtin:addition", "--no-chat-template",
+            "--max-response-len", str(r.max_response_len), "--train-size", str(r.rl_iters * r.rollout_batch_size),
+            "--eval-size", str(r.eval_size), "--eval-seed", str(r.eval_seed),
+            "--student-hf", str(pair / "student"), *method_flags(method, r, pair / "teacher"),
+            "--tensor-model-parallel-size", "1", "--teacher-tensor-model-parallel-size", str(r.teacher_tp),
+            "--rollout-batch-size", str(r.rollout_batch_size), "--n-samples-per-prompt", str(r.n_samples),
+            "--micro-batch-size", str(r.micro_batch_size), "--num-updates-per-rollout", str(r.num_updates),
+            "--lr", str(r.lr), "--lr-warmup-steps", str(r.lr_warmup_steps), "--train-iters", str(r.rl_iters),
+            "--eval-interval", str(r.eval_interval), "--seed", str(seed),
+            "--output-dir", str(d), "--save-hf", str(d / "student_hf")]
+
+
+def eval_argv(model: Path, out_json: Path, r: Recipe) -> list[str]:
+    """rlad-eval of one model on the same held-out set, k samples at the paper's eval sampling."""
+    return ["--model", str(model), "--data", "builtin:addition", "--size", str(r.eval_size), "--seed",
+            str(r.eval_seed), "--k", str(r.final_k), "--temperature", str(r.final_temperature), "--top-p",
+            str(r.final_top_p), "--max-new-tokens", str(r.max_response_len), "--no-chat-template", "--quiet",
+            "--output-json", str(out_json)]
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+
+@dataclass
+class Log:
+    out: Path
+    commands: list[dict] = field(default_factory=list)
+    stages: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, argv: list[str], *, skip_if: Path | None = None) -> float:
+        """Run one stage as a subprocess (cwd = repo root), its output to logs/<name>.log. Returns seconds."""
+        entry = {"name": name, "command": "OMP_NUM_THREADS=1 " + shlex.join(argv)}
+        self.commands.append(entry)
+        if skip_if is not None and skip_if.exists():
+            entry["skipped"] = True
+            print(f"[reproduce] {name}: {skip_if} exists, reused", flush=True)
+            return 0.0
+        log_path = self.out / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        print(f"[reproduce] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        with log_path.open("w") as f:
+            p = subprocess.run(argv, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, check=False)
+        dt = time.perf_counter() - t0
+        entry["seconds"] = dt
+        self.stages[name] = dt
+        if p.returncode != 0:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"stage {name} failed (exit {p.returncode}); log {log_path}:\n{tail}")
+        print(f"[reproduce] {name}: {dt:.0f} s", flush=True)
+        return dt
+
+    def run_eval(self, name: str, argv: list[str]) -> float:
+        """rlad-eval in this process (the same `main` as the console script)."""
+        from rlad_megatron.eval import main as eval_main
+
+        self.commands.append({"name": name, "command": "OMP_NUM_THREADS=1 rlad-eval " + shlex.join(argv)})
+        t0 = time.perf_counter()
+        eval_main(argv)
+        dt = time.perf_counter() - t0
+        self.commands[-1]["seconds"] = dt
+        self.stages[name] = dt
+        return dt
+
+
+def run_complete(d: Path, r: Recipe) -> bool:
+    """A finished run of this recipe: metrics up to the last step with its eval, and the exported student."""
+    m = d / "metrics.jsonl"
+    if not m.exists() or not (d / "student_hf" / "config.json").exists():
+        return False
+    rows = read_metrics(m)
+    return any(row["step"] == r.rl_iters and "eval/mean@1" in row for row in rows)
+
+
+def build_pair(log: Log, pair: Path, r: Recipe) -> None:
+    pair.mkdir(parents=True, exist_ok=True)
+    for name, argv, produces in pair_commands(pair, r, sys.executable):
+        log.run(name, argv, skip_if=produces)
+
+
+def train_all(log: Log, out: Path, pair: Path, r: Recipe, *, resume: bool) -> None:
+    for seed in r.seeds:
+        for method in r.methods:
+            d = run_dir(out, method, seed)
+            argv = rl_command(method, seed, r, out, pair, sys.executable)
+            if d.exists() and not (resume and run_complete(d, r)):
+                shutil.rmtree(d)
+            log.run(f"{method}_seed{seed}", argv, skip_if=d / "metrics.jsonl" if resume else None)
+            if not run_complete(d, r):
+                raise RuntimeError(f"{d}: the run did not log the final eval at step {r.rl_iters}")
+
+
+def eval_all(log: Log, out: Path, pair: Path, r: Recipe) -> None:
+    (out / "evals").mkdir(parents=True, exist_ok=True)
+    log.run_eval("eval_student_before", eval_argv(pair / "student", out / "evals" / "student_before.json", r))
+    log.run_eval("eval_teacher", eval_argv(pair / "teacher", out / "evals" / "teacher.json", r))
+    for seed in r.seeds:
+        for method in r.methods:
+            d = run_dir(out, method, seed)
+            log.run_eval(f"eval_{method}_seed{seed}", eval_argv(d / "student_hf", d / "eval.json", r))
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+
+
+def read_metrics(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def eval_curve(rows: list[dict]) -> list[tuple[int, float]]:
+    """(step, held-out greedy accuracy) in step order; a step logged twice keeps its last value."""
+    curve = {row["step"]: row["eval/mean@1"] for row in rows if "eval/mean@1" in row}
+    return sorted(curve.items())
+
+
+def mean_of(rows: list[dict], key: str) -> float | None:
+    vals = [row[key] for row in rows if key in row and row["step"] > 0 and math.isfinite(row[key])]
+    return sum(vals) / len(vals) if vals else None
+
+
+def spread(xs: list[float]) -> tuple[float, float]:
+    """(mean, sample std; 0 for one value)."""
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def collect(out: Path, pair: Path, r: Recipe) -> dict:
+    """Everything the report shows, parsed from the runs' own files."""
+    runs = {}
+    for method in r.methods:
+        for seed in r.seeds:
+            d = run_dir(out, method, seed)
+            rows = read_metrics(d / "metrics.jsonl")
+            curve = eval_curve(rows)
+            ev = json.loads((d / "eval.json").read_text())["benchmarks"]["addition"]["metrics"]
+            runs[(method, seed)] = {
+                "curve": curve, "before": curve[0][1], "final": curve[-1][1], "best": max(v for _, v in curve),
+                "diag": {k: mean_of(rows, k) for k in DIAGNOSTICS},
+                "diag_first": {k: mean_of([x for x in rows if x["step"] <= r.rl_iters // 4], k) for k in DIAGNOSTICS},
+                "diag_last": {k: mean_of([x for x in rows if x["step"] > 3 * r.rl_iters // 4], k) for k in DIAGNOSTICS},
+                "sampled": ev,
+                "seconds": rows[-1]["time"] - rows[0]["time"],
+            }
+    before = {k: json.loads((out / "evals" / f"{k}.json").read_text())["benchmarks"]["addition"]["metrics"]
+              for k in ("student_before", "teacher")}
+    teacher_rows = read_metrics(pair / "sft_teacher" / "metrics.jsonl")
+    student_rows = read_metrics(pair / "sft_student" / "metrics.jsonl")
+    return {"runs": runs, "evals": before, "teacher_greedy": eval_curve(teacher_rows)[-1][1],
+            "student_greedy_sft": eval_curve(student_rows)[-1][1]}
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def fmt_ms(xs: list[float], scale: float = 100.0, digits: int = 1) -> str:
+    m, s = spread(xs)
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import torch
+
+    def sh(cmd: list[str]) -> str:
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, check=False).stdout.strip()
+        except OSError:
+            return "unavailable"
+
+    return {"nproc": sh(["nproc"]), "uname": sh(["uname", "-a"]), "cpu": cpu,
+            "python": pyplatform.python_version(), "torch": torch.__version__,
+            "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
+
+
+def plot(data: dict, r: Recipe, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    colors = {"grpo": "tab:blue", "kdrl": "tab:orange", "rlad": "tab:green", "sft": "tab:red"}
+    for method in r.methods:
+        curves = [data["runs"][(method, s)]["curve"] for s in r.seeds]
+        steps = [st for st, _ in curves[0]]
+        vals = [[dict(c).get(st, float("nan")) for st in steps] for c in curves]
+        mean = [statistics.fmean(col) * 100 for col in zip(*vals)]
+        lo = [min(col) * 100 for col in zip(*vals)]
+        hi = [max(col) * 100 for col in zip(*vals)]
+        ax = axes[0]
+        ax.plot(steps, mean, marker="o", ms=3, color=colors[method], label=METHOD_LABEL[method])
+        ax.fill_between(steps, lo, hi, color=colors[method], alpha=0.18)
+        for key, ax in (("reward/mean", axes[1]), ("rollout/zero_adv_group_frac", axes[2])):
+            if method == "sft":
+                continue
+            series = []
+            for s in r.seeds:
+                rows = read_metrics(run_dir(Path(data["out"]), method, s) / "metrics.jsonl")
+                series.append({row["step"]: row[key] for row in rows if key in row})
+            xs = sorted(set.intersection(*(set(x) for x in series)))
+            w = max(1, len(xs) // 25)  # moving average over ~4% of the run
+            ys = [statistics.fmean(statistics.fmean(x[st] for x in series) for st in xs[max(0, i - w + 1):i + 1])
+                  for i in range(len(xs))]
+            ax.plot(xs, ys, color=colors[method], label=METHOD_LABEL[method])
+    teacher = data["teacher_greedy"] * 100
+    axes[0].axhline(teacher, color="gray", ls="--", lw=1, label=f"teacher ({teacher:.1f}%)")
+    axes[0].set(title=f"held-out accuracy (greedy, {r.eval_size} prompts)\nmean over {len(r.seeds)} seeds, "
+                      "band = min..max", xlabel="RL step", ylabel="accuracy (%)")
+    axes[1].set(title="training reward (T=1 samples), moving avg", xlabel="RL step", ylabel="mean reward")
+    axes[2].set(title="zero-advantage groups (all rewards equal)", xlabel="RL step", ylabel="fraction of groups")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def verdict(data: dict, r: Recipe) -> list[str]:
+    """Data-driven sentences: who wins, by how much relative to the seed spread and the eval noise."""
+    runs, seeds = data["runs"], r.seeds
+    finals = {m: [runs[(m, s)]["final"] for s in seeds] for m in r.methods}
+    means = {m: statistics.fmean(v) for m, v in finals.items()}
+    before = runs[(r.methods[0], seeds[0])]["before"]
+    p = max(min(before, 0.99), 0.01)
+    se = math.sqrt(p * (1 - p) / r.eval_size)
+    order = sorted(r.methods, key=lambda m: -means[m])
+    out = [f"Ranking by mean final held-out accuracy: "
+           + " > ".join(f"{m.upper()} {means[m] * 100:.1f}%" for m in order)
+           + f" (before training {before * 100:.1f}%; one eval has a binomial standard error of about "
+           f"{se * 100:.1f} points at that accuracy)."]
+    if "rlad" in finals and "grpo" in finals:
+        d = means["rlad"] - means["grpo"]
+        separated = min(finals["rlad"]) > max(finals["grpo"]) or max(finals["rlad"]) < min(finals["grpo"])
+        if d > 0 and separated:
+            out.append(f"RLAD beats GRPO here: +{d * 100:.1f} points, every RLAD seed above every GRPO seed.")
+        elif d > 0:
+            out.append(f"RLAD is ahead of GRPO by {d * 100:.1f} points on average, but the seeds overlap, so the "
+                       f"difference is not established with {len(seeds)} seeds.")
+        elif separated:
+            out.append(f"RLAD does **not** beat GRPO here: {d * 100:.1f} points, every RLAD seed below every GRPO seed.")
+        else:
+            out.append(f"RLAD does **not** beat GRPO here: {d * 100:+.1f} points on average, within the seed spread.")
+    for other in ("kdrl", "sft"):
+        if other in means and "rlad" in means:
+            out.append(f"RLAD vs {other.upper()}: {(means['rlad'] - means[other]) * 100:+.1f} points.")
+    return out
+
+
+def diagnostics_text(data: dict, r: Recipe) -> list[str]:
+    """Sentences explaining the RL runs from their own diagnostics."""
+    runs, seeds = data["runs"], r.seeds
+
+    def avg(m: str, key: str, part: str = "diag") -> float | None:
+        vals = [runs[(m, s)][part][key] for s in seeds if runs[(m, s)][part][key] is not None]
+        return statistics.fmean(vals) if vals else None
+
+    lines = []
+    rl = [m for m in r.methods if m != "sft"]
+    zs = {m: avg(m, "rollout/zero_adv_group_frac") for m in rl}
+    if zs:
+        lines.append("**Zero-advantage groups.** " + ", ".join(
+            f"{m.upper()} {zs[m] * 100:.0f}%" for m in rl if zs[m] is not None)
+            + " of the 8-sample groups had all-equal rewards (mean over steps and seeds; first quarter -> last "
+            "quarter: " + ", ".join(
+                f"{m.upper()} {avg(m, 'rollout/zero_adv_group_frac', 'diag_first') * 100:.0f}% -> "
+                f"{avg(m, 'rollout/zero_adv_group_frac', 'diag_last') * 100:.0f}%" for m in rl) + "). "
+            "In such a group every advantage is 0, so the GRPO and TRRD surrogates are exactly 0 for all its "
+            "tokens: the teacher's probabilities enter TRRD only through the ratio that multiplies the advantage, "
+            "so on these groups RLAD gets no teacher signal at all. KDRL's KL term, by contrast, is a dense "
+            "per-token loss that acts on every sampled sequence, zero advantage or not.")
+    if "rlad" in rl:
+        g = {k: avg("rlad", k) for k in ("gate_blocked_pos", "gate_blocked_neg", "gate_enabled_pos",
+                                          "gate_enabled_neg", "teacher_clamp_frac", "log_ratio_teacher_mean",
+                                          "clip_frac_low", "clip_frac_high")}
+        if g["gate_blocked_pos"] is not None:
+            moved = sum(g[k] for k in ("gate_blocked_pos", "gate_blocked_neg", "gate_enabled_pos", "gate_enabled_neg"))
+            lines.append(
+                f"**Where RLAD's teacher acts.** Mean token fractions for RLAD: the teacher term in the ratio blocks "
+                f"the policy gradient of {g['gate_blocked_pos'] * 100:.2f}% (A>0) and {g['gate_blocked_neg'] * 100:.2f}% "
+                f"(A<0) of the response tokens that GRPO's ratio would update, and enables {g['gate_enabled_pos'] * 100:.2f}% "
+                f"(A>0) / {g['gate_enabled_neg'] * 100:.2f}% (A<0) that GRPO's would clip; {moved * 100:.2f}% of tokens in "
+                f"all. The student/teacher log-ratio log pi_S - log pi_T averages {g['log_ratio_teacher_mean']:+.3f} "
+                f"nats per sampled token and {g['teacher_clamp_frac'] * 100:.1f}% of tokens hit the App.-B clamp "
+                f"|log pi_S/pi_T| <= 1. Clip fractions (TRRD ratio): low {g['clip_frac_low'] * 100:.2f}%, high "
+                f"{g['clip_frac_high'] * 100:.2f}%"
+                + (f" vs GRPO's low {avg('grpo', 'clip_frac_low') * 100:.2f}%, high {avg('grpo', 'clip_frac_high') * 100:.2f}%."
+                   if "grpo" in rl and avg("grpo", "clip_frac_low") is not None else "."))
+            lines.append(
+                "With " + (f"{r.num_updates} optimizer updates per rollout batch" if r.num_updates > 1 else
+                           "one update per rollout batch") + ", " + (
+                    "pi_S differs from pi_old from the second update on, so the TRRD trust region (centred on the "
+                    "geometric mixture of pi_old and the teacher) actually clips; in the first update pi_S = pi_old "
+                    "and TRRD only reweights each token's advantage by (pi_S/pi_T)^(1-alpha)."
+                    if r.num_updates > 1 else
+                    "pi_S = pi_old numerically, so TRRD only reweights each token's advantage by "
+                    "(pi_S/pi_T)^(1-alpha) and masks the tokens whose ratio starts outside the clip range."))
+    if "kdrl" in rl and avg("kdrl", "kl_teacher") is not None:
+        lines.append(f"**KDRL.** The k2 estimate of KL(student||teacher) on sampled tokens averages "
+                     f"{avg('kdrl', 'kl_teacher', 'diag_first'):.3f} in the first quarter and "
+                     f"{avg('kdrl', 'kl_teacher', 'diag_last'):.3f} in the last (kl_coef {r.kl_coef}).")
+    return lines
+
+
+def write_report(data: dict, r: Recipe, meta: dict, md_path: Path, png_path: Path, quick: bool) -> str:
+    runs, seeds = data["runs"], r.seeds
+    k = r.final_k
+    plot(data, r, png_path)
+    befores = {runs[key]["before"] for key in runs}
+    L = ["# Tiny CPU reproduction: GRPO vs KDRL vs RLAD vs offline SFT distillation", ""]
+    if quick:
+        L += ["> **--quick smoke run**: tiny budgets, the numbers carry no information about the methods.", ""]
+    L += ["Written by `python -m rlad_megatron.reproduce" + (" --quick" if quick else "") + "` "
+          f"({time.strftime('%Y-%m-%d %H:%M %Z')}); every number below is parsed back from the runs' own "
+          "`metrics.jsonl` and `rlad-eval` JSON files. Task: column addition of 2-3 zero-padded 4-digit numbers "
+          "with an explicit carry trace (`research/data_rewards.md` section 5); binary exact-answer reward; a "
+          "randomly initialised char-level Qwen2 pair trained here from nothing (teacher d=64, student d=32).", ""]
+    L += ["## Result", ""] + [f"* {s}" for s in verdict(data, r)] + [""]
+    L += [f"Held-out set: {r.eval_size} items of the builtin addition eval split (generator seed "
+          f"{r.eval_seed} + 10^9, disjoint from all training seeds), identical for every run. Greedy accuracy is "
+          f"logged every {r.eval_interval} RL steps; Mean@{k} / Pass@{k} are `rlad-eval` of the final student with "
+          f"{k} samples per prompt at T={r.final_temperature}, top-p {r.final_top_p} (the paper's eval sampling). "
+          f"Mean ± sample std over seeds {', '.join(map(str, seeds))}.", ""]
+    hdr = (f"| method | final greedy acc. (%) | per seed | best eval during run (%) | Mean@{k} (%) | Pass@{k} (%) "
+           f"| 2 terms Mean@{k} | 3 terms Mean@{k} | run wall-clock (s) |")
+    L += [hdr, "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    sb, te = data["evals"]["student_before"], data["evals"]["teacher"]
+
+    def sub(ev: dict, name: str) -> str:
+        return f"{ev[name][f'mean@{k}'] * 100:.1f}" if name in ev else "–"
+
+    L.append(f"| student before training | {statistics.fmean(befores) * 100:.1f} | – | – | "
+             f"{sb['overall'][f'mean@{k}'] * 100:.1f} | {sb['overall'][f'pass@{k}'] * 100:.1f} | "
+             f"{sub(sb, 'addition/terms=2')} | {sub(sb, 'addition/terms=3')} | – |")
+    for m in r.methods:
+        rs = [runs[(m, s)] for s in seeds]
+        per = " / ".join(f"{x['final'] * 100:.1f}" for x in rs)
+        mk = [x["sampled"]["overall"][f"mean@{k}"] for x in rs]
+        pk = [x["sampled"]["overall"][f"pass@{k}"] for x in rs]
+        t2 = [x["sampled"].get("addition/terms=2", {}).get(f"mean@{k}", float("nan")) for x in rs]
+        t3 = [x["sampled"].get("addition/terms=3", {}).get(f"mean@{k}", float("nan")) for x in rs]
+        L.append(f"| {METHOD_LABEL[m]} | {fmt_ms([x['final'] for x in rs])} | {per} | "
+                 f"{fmt_ms([x['best'] for x in rs])} | {fmt_ms(mk)} | {fmt_ms(pk)} | {fmt_ms(t2)} | {fmt_ms(t3)} | "
+                 f"{statistics.fmean(x['seconds'] for x in rs):.0f} |")
+    L.append(f"| teacher (reference, not trained here) | {data['teacher_greedy'] * 100:.1f} | – | – | "
+             f"{te['overall'][f'mean@{k}'] * 100:.1f} | {te['overall'][f'pass@{k}'] * 100:.1f} | "
+             f"{sub(te, 'addition/terms=2')} | {sub(te, 'addition/terms=3')} | – |")
+    L += ["", f"![held-out accuracy over steps]({png_path.name})", ""]
+
+    L += ["## Diagnostics (from metrics.jsonl, mean over all steps and seeds)", ""]
+    keys = [key for key in DIAGNOSTICS if any(runs[(m, s)]["diag"][key] is not None for m in r.methods for s in seeds)]
+    L += ["| method | " + " | ".join(DIAGNOSTICS[key] for key in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for m in r.methods:
+        cells = []
+        for key in keys:
+            vals = [runs[(m, s)]["diag"][key] for s in seeds if runs[(m, s)]["diag"][key] is not None]
+            cells.append(f"{statistics.fmean(vals):.4f}" if vals else "–")
+        L.append(f"| {m.upper()} | " + " | ".join(cells) + " |")
+    L += ["", "Fractions are of response tokens (clip/gate/clamp) or of prompt groups (zero-adv.). `gate blocked` "
+          "= tokens whose policy gradient GRPO's ratio would pass but the TRRD ratio clips (selective imitation); "
+          "`gate enabled` = the reverse. SFT has no rollouts, hence no RL diagnostics (its loss is plain NLL).", ""]
+    L += diagnostics_text(data, r) + [""]
+
+    L += ["## Settings", "", "Identical for every method (only `--algo` and the method's own knob differ):", "",
+          f"* RL steps {r.rl_iters}; {r.rollout_batch_size} prompts x {r.n_samples} samples per step (SFT: the same "
+          f"{r.rollout_batch_size * r.n_samples} sequences per step); the same {r.rl_iters * r.rollout_batch_size} "
+          "training prompts (`--train-size`), each seen once; rollout T=1, max 60 new tokens.",
+          f"* Adam lr {r.lr}, {r.lr_warmup_steps} warm-up optimizer steps, constant after; grad-clip 1.0; "
+          f"micro-batch {r.micro_batch_size}; {r.num_updates} optimizer update(s) per rollout batch "
+          f"(global batch {r.rollout_batch_size * r.n_samples // r.num_updates}).",
+          "* Clip eps 0.2 / 0.28 (the paper's K&K values), loss aggregation seq-mean-token-mean, no ref-KL, no "
+          "entropy bonus, no dynamic sampling.",
+          f"* RLAD: alpha {r.alpha}, teacher log-ratio clamp 1 (App. B). KDRL: kl_coef {r.kl_coef}, k2 estimator "
+          "(the paper does not report KDRL's coefficient). SFT: `--sft-source teacher`: the teacher samples "
+          f"{r.n_samples} answers (T=1) for each of the same training prompts; correct ones are kept.",
+          f"* Layout: {r.nproc} CPU ranks, student TP=1 x DP={r.nproc}, teacher TP={r.teacher_tp} (gloo); rollouts "
+          "from the in-process HF engine fed by the Megatron -> HF weight sync.",
+          f"* Seeds {', '.join(map(str, seeds))} (`--seed`: training prompt stream, sampling, initial RNG); the pair is "
+          "built once (seeded) and shared by all runs.", ""]
+    L += ["### What was tuned", "", *TUNING_NOTES, ""]
+
+    L += ["## Commands (in order; cwd = repository root)", "", "```"]
+    for c in meta["commands"]:
+        L.append(c["command"] + ("    # reused from an earlier run" if c.get("skipped") else ""))
+    L += ["```", "", "`rlad-eval` ran in the driver's process through the same entry point "
+          "(`rlad_megatron.eval.main`).", ""]
+    mi = meta["machine"]
+    L += ["## Machine and wall-clock", "",
+          f"* `nproc`: {mi['nproc']}; CPU: {mi['cpu']}; Python {mi['python']}, torch {mi['torch']}.",
+          f"* `uname -a`: `{mi['uname']}`",
+          f"* load average at start: {mi['loadavg']} (the box is shared with other jobs; timings are pessimistic).",
+          f"* wall-clock of the whole driver: {meta['wall_s'] / 60:.1f} min "
+          f"(pair {meta['pair_s'] / 60:.1f} min, training runs {meta['train_s'] / 60:.1f} min, "
+          f"sampled evals {meta['eval_s'] / 60:.1f} min).", ""]
+    text = "\n".join(L) + "\n"
+    md_path.parent.mkdir(parents=True, exist_ok=True)
+    md_path.write_text(text)
+    return text
+
+
+TUNING_NOTES = [
+    "Nothing the paper fixes was tuned (alpha 0.5, clip 0.2/0.28, clamp 1, group size 8). The knobs it leaves open "
+    "were chosen with the short-run grid of `python -m rlad_megatron.reproduce --tune` (100 RL steps, 1 seed, a "
+    "separate tuning held-out set with eval seed 777, every method on the same grid): the shared lr in {1e-4, 3e-4} "
+    "x updates per rollout in {1, 2}, then KDRL's kl_coef in {0.01, 0.1, 1.0} at the chosen setting.",
+]
+
+
+# ------------------------------------------------------------------------------------------------ tuning
+
+
+def tune(out: Path, pair: Path, base: Recipe) -> None:
+    """The short tuning grid; writes `<out>/tuning.md` and `tuning.json`."""
+    log = Log(out)
+    build_pair(log, pair, base)
+    results = []
+    configs = [dict(lr=lr, num_updates=u) for lr in TUNE_GRID["lr"] for u in TUNE_GRID["num_updates"]]
+    for cfg in configs:
+        r = dataclasses.replace(base, **TUNE_BUDGET, **cfg)
+        sub = out / f"lr{cfg['lr']:g}_u{cfg['num_updates']}"
+        train_all(log, sub, pair, r, resume=True)
+        for m in r.methods:
+            rows = read_metrics(run_dir(sub, m, 1) / "metrics.jsonl")
+            curve = eval_curve(rows)
+            results.append({**cfg, "kl_coef": r.kl_coef, "method": m, "final": curve[-1][1], "curve": curve,
+                            "zero_adv": mean_of(rows, "rollout/zero_adv_group_frac")})
+    best = max(configs, key=lambda c: statistics.fmean(
+        x["final"] for x in results if x["lr"] == c["lr"] and x["num_updates"] == c["num_updates"]))
+    for kl in TUNE_KL:
+        if kl == base.kl_coef:
+            continue
+        r = dataclasses.replace(base, **TUNE_BUDGET, **best, kl_coef=kl, methods=("kdrl",))
+        sub = out / f"lr{best['lr']:g}_u{best['num_updates']}_kl{kl:g}"
+        train_all(log, sub, pair, r, resume=True)
+        rows = read_metrics(run_dir(sub, "kdrl", 1) / "metrics.jsonl")
+        curve = eval_curve(rows)
+        results.append({**best, "kl_coef": kl, "method": "kdrl", "final": curve[-1][1], "curve": curve,
+                        "zero_adv": mean_of(rows, "rollout/zero_adv_group_frac")})
+    (out / "tuning.json").write_text(json.dumps({"best_shared": best, "results": results}, indent=1))
+    lines = ["| lr | updates/rollout | kl_coef (KDRL) | method | final acc. (%) | eval curve (%) | zero-adv. groups |",
+             "|---|---|---|---|---:|---|---:|"]
+    for x in results:
+        za = "–" if x["zero_adv"] is None else f"{x['zero_adv']:.2f}"
+        lines.append(f"| {x['lr']:g} | {x['num_updates']} | {x['kl_coef']:g} | {x['method']} | {x['final'] * 100:.1f} | "
+                     + " ".join(f"{v * 100:.0f}" for _, v in x["curve"]) + f" | {za} |")
+    lines.append(f"\nshared setting with the best mean final accuracy over methods: {best}")
+    (out / "tuning.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m rlad_megatron.reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=None, help="work dir (default outputs/reproduce, --quick: a new temp dir)")
+    p.add_argument("--pair-dir", default=None, help="tiny pair dir (default <out>/pair; reused when complete)")
+    p.add_argument("--docs", default=str(ROOT / "docs"), help="full run: where reproduction.md + PNG go")
+    p.add_argument("--quick", action="store_true", help="CI smoke run: tiny budgets, 1 seed, writes only to --out")
+    p.add_argument("--tune", action="store_true", help="run the short tuning grid instead")
+    p.add_argument("--resume", action="store_true", help="keep finished runs found in --out")
+    p.add_argument("--methods", nargs="*", default=None, choices=METHODS)
+    p.add_argument("--seeds", nargs="*", type=int, default=None)
+    for f in ("rl_iters", "eval_interval", "eval_size", "num_updates", "teacher_iters", "student_iters", "nproc",
+              "teacher_tp", "final_k"):
+        p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
+    for f in ("lr", "kl_coef"):
+        p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
+    a = p.parse_args(argv)
+
+    overrides = dict(QUICK) if a.quick else {}
+    for f in ("rl_iters", "eval_interval", "eval_size", "num_updates", "teacher_iters", "student_iters", "nproc",
+              "teacher_tp", "final_k", "lr", "kl_coef"):
+        if getattr(a, f) is not None:
+            overrides[f] = getattr(a, f)
+    if a.methods:
+        overrides["methods"] = tuple(a.methods)
+    if a.seeds:
+        overrides["seeds"] = tuple(a.seeds)
+    r = dataclasses.replace(Recipe(), **overrides)
+    r.check()
+    if a.out:
+        out = Path(a.out)
+    elif a.quick:
+        import tempfile
+
+        out = Path(tempfile.mkdtemp(prefix="rlad_reproduce_quick_"))
+    else:
+        out = ROOT / "outputs" / ("tune" if a.tune else "reproduce")
+    out = out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    pair = Path(a.pair_dir).resolve() if a.pair_dir else out / "pair"
+    if a.tune:
+        tune(out, pair, r)
+        return {}
+
+    t0 = time.perf_counter()
+    machine = machine_info()
+    log = Log(out)
+    build_pair(log, pair, r)
+    t_pair = time.perf_counter()
+    train_all(log, out, pair, r, resume=a.resume)
+    t_train = time.perf_counter()
+    eval_all(log, out, pair, r)
+    t_eval = time.perf_counter()
+    data = collect(out, pair, r)
+    data["out"] = str(out)
+    meta = {"commands": log.commands, "machine": machine, "wall_s": t_eval - t0, "pair_s": t_pair - t0,
+            "train_s": t_train - t_pair, "eval_s": t_eval - t_train}
+    md, png = out / "reproduction.md", out / "reproduction_accuracy.png"
+    write_report(data, r, meta, md, png, quick=a.quick)
+    summary = {"recipe": dataclasses.asdict(r), "meta": meta,
+               "runs": {f"{m}_seed{s}": {k: v for k, v in x.items()} for (m, s), x in data["runs"].items()},
+               "evals": data["evals"], "teacher_greedy": data["teacher_greedy"]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if not a.quick:
+        docs = Path(a.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, docs / "reproduction_accuracy.png")
+        shutil.copy(md, docs / "reproduction.md")
+    print(f"[reproduce] done in {(t_eval - t0) / 60:.1f} min: {md}" + ("" if a.quick else f" -> {a.docs}"), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
