@@ -148,8 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="validate flags and inputs, build nothing, exit")
 
     from rlad_megatron.fp8 import add_fp8_args
+    from rlad_megatron.rollout.sglang_args import add_sglang_args
+    from rlad_megatron.rollout.sglang_engine import add_rollout_engine_args
 
     add_fp8_args(p)
+    add_rollout_engine_args(p)
+    add_sglang_args(p)
     _add_transformer_config_passthrough(p)
     return p
 

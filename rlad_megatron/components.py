@@ -14,6 +14,7 @@ from rlad_megatron import platform
 from rlad_megatron.algos import NEEDS_TEACHER
 from rlad_megatron.arguments import transformer_config_overrides
 from rlad_megatron.data.prompts import PromptSample, encode_samples, load_prompt_file
+from rlad_megatron.fp8 import ddp_overrides
 from rlad_megatron.models import spec_from_hf_config
 from rlad_megatron.models.builder import Model, build_model
 from rlad_megatron.models.teacher import build_teacher
@@ -145,6 +146,7 @@ class Components:
     train_prompts: PromptStream
     eval_prompts: list[PromptSample]
     reward: str
+    offloader: object = None  # colocated SGLang on GPU: moves student/optimizer/teacher out while it generates
     extra: dict = field(default_factory=dict)
 
 
@@ -166,7 +168,7 @@ def build_components(args: Namespace) -> Components:
         student, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad, bf16=args.bf16,
         use_distributed_optimizer=args.use_distributed_optimizer, lr_warmup_steps=args.lr_warmup_steps,
-        lr_decay_steps=max(total_updates, 1), lr_decay_style=args.lr_decay_style)
+        lr_decay_steps=max(total_updates, 1), lr_decay_style=args.lr_decay_style, ddp_overrides=ddp_overrides(args))
     teacher = build_teacher_model(args) if needs_teacher else None
 
     train = load_prompts(args.prompt_data, split="train", size=args.train_size, seed=args.seed, tokenizer=tokenizer,
@@ -182,4 +184,19 @@ def build_components(args: Namespace) -> Components:
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return Components(args=args, tokenizer=tokenizer, student=student, ddp=ddp, optimizer=optimizer,
                       scheduler=scheduler, teacher=teacher, engine=engine, train_prompts=PromptStream(train, args.seed),
-                      eval_prompts=evals, reward=reward)
+                      eval_prompts=evals, reward=reward, offloader=build_offloader(args, ddp, optimizer, teacher))
+
+
+def build_offloader(args: Namespace, ddp, optimizer, teacher: Model | None):
+    """Colocated SGLang shares the GPUs with training: the optimizer state, the student and the teacher are
+    registered so they can leave GPU memory while the engine generates (torch_memory_saver or CPU copies)."""
+    if args.rollout_engine != "sglang" or not platform.has_cuda():
+        return None
+    from rlad_megatron.offload import Offloader
+
+    off = Offloader()
+    off.register("optimizer", optimizer)
+    off.register("student", ddp)
+    if teacher is not None:
+        off.register("teacher", teacher.module, frozen=True)
+    return off

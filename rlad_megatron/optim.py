@@ -44,6 +44,7 @@ def build_optimizer(
     lr_decay_steps: int | None = None,
     lr_decay_style: str = "constant",
     lr_warmup_init: float = 0.0,
+    ddp_overrides: dict | None = None,
     **optimizer_config_overrides,
 ) -> tuple[DistributedDataParallel, MegatronOptimizer, OptimizerParamScheduler]:
     """(ddp_module, optimizer, scheduler) for `model` (the student).
@@ -70,6 +71,7 @@ def build_optimizer(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
         use_distributed_optimizer=use_distributed_optimizer,
+        **(ddp_overrides or {}),
     )
     ddp_module = DistributedDataParallel(config=model.config, ddp_config=ddp_config, module=model.module)
     opt_config = OptimizerConfig(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from argparse import Namespace
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -43,25 +44,16 @@ def train(args: Namespace) -> dict:
         if platform.is_rank0():
             print("eval before training: " + ", ".join(f"{k}={v:.4f}" for k, v in before.items()), flush=True)
     for step in range(state["step"], args.train_iters):
-        t0 = time.perf_counter()
-        batch, metrics = collect_batch(c, step)
-        if args.algo in IS_RL:
-            batch.old_logp, _ = compute_logprobs(c.student, batch.tokens, temperature=args.rollout_temperature,
-                                                 micro_batch_size=args.micro_batch_size)
-            check_finite(batch.old_logp, batch.response_mask, "student log-probs", step + 1)
-            metrics |= batch_diagnostics(batch)
-        if args.algo in NEEDS_TEACHER_LOGP:
-            batch.teacher_logp, _ = compute_logprobs(c.teacher, batch.tokens, temperature=args.rollout_temperature,
-                                                     micro_batch_size=args.micro_batch_size)
-            check_finite(batch.teacher_logp, batch.response_mask, "teacher log-probs", step + 1)
-            metrics |= teacher_diagnostics(batch)
-        metrics |= update_policy(c.student, c.ddp, c.optimizer, c.scheduler, batch, args, step=step + 1,
-                                 teacher_logits_fn=teacher_logits_fn(c))
-        c.extra["engine_stale"] = True
-        if args.algo != "sft":  # SFT generates nothing: sync only before an eval
-            metrics |= sync_weights(c, version=f"step{step + 1}")
-        metrics["perf/step_s"] = time.perf_counter() - t0
-        metrics["perf/tokens_per_s"] = float(batch.response_mask.sum()) / metrics["perf/step_s"]
+        timer = PhaseTimer()
+        with timer("rollout"):
+            batch, metrics = collect_batch(c, step)
+        metrics |= score_with_models(c, batch, step, timer)
+        with timer("update"):
+            metrics |= update_policy(c.student, c.ddp, c.optimizer, c.scheduler, batch, args, step=step + 1,
+                                     teacher_logits_fn=teacher_logits_fn(c))
+        c.extra["engine_stale"] = True  # pushed at the next rollout or eval (SFT: only before evals)
+        metrics |= c.extra.pop("sync_metrics", {})
+        metrics |= timer.metrics(tokens=float(batch.response_mask.sum()))
         if args.eval_interval and c.eval_prompts and (step + 1) % args.eval_interval == 0:
             metrics |= evaluate_student(c)
         log.log(step + 1, metrics)
@@ -77,6 +69,43 @@ def train(args: Namespace) -> dict:
 
         save_hf_checkpoint(c.student, hf_template(c), args.save_hf, overwrite=True)
     return final
+
+
+class PhaseTimer:
+    """Wall-clock per phase of a step: `perf/<phase>_s`, `perf/step_s`, `perf/tokens_per_s`."""
+
+    def __init__(self) -> None:
+        self.t0, self.phases = time.perf_counter(), {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        start = time.perf_counter()
+        yield
+        self.phases[phase] = self.phases.get(phase, 0.0) + time.perf_counter() - start
+
+    def metrics(self, tokens: float) -> dict:
+        total = time.perf_counter() - self.t0
+        return {**{f"perf/{k}_s": v for k, v in self.phases.items()}, "perf/step_s": total,
+                "perf/tokens_per_s": tokens / total}
+
+
+def score_with_models(c: Components, batch: RolloutBatch, step: int, timer: PhaseTimer) -> dict:
+    """Old-policy log-probs (student forward) and teacher log-probs of the student's tokens (teacher forward,
+    no backward), at the rollout temperature; every rank gets the full `[N, L-1]` tensors."""
+    args, metrics = c.args, {}
+    if args.algo in IS_RL:
+        with timer("old_logp"):
+            batch.old_logp, _ = compute_logprobs(c.student, batch.tokens, temperature=args.rollout_temperature,
+                                                 micro_batch_size=args.micro_batch_size)
+        check_finite(batch.old_logp, batch.response_mask, "student log-probs", step + 1)
+        metrics |= batch_diagnostics(batch)
+    if args.algo in NEEDS_TEACHER_LOGP:
+        with timer("teacher"):
+            batch.teacher_logp, _ = compute_logprobs(c.teacher, batch.tokens, temperature=args.rollout_temperature,
+                                                     micro_batch_size=args.micro_batch_size)
+        check_finite(batch.teacher_logp, batch.response_mask, "teacher log-probs", step + 1)
+        metrics |= teacher_diagnostics(batch)
+    return metrics
 
 
 def last_step_evaluated(args: Namespace) -> bool:
@@ -119,9 +148,8 @@ def collect_batch(c: Components, step: int) -> tuple[RolloutBatch, dict]:
     for round_ in range(args.max_sampling_rounds if args.dynamic_sampling else 1):
         need = want - len(kept) if args.dynamic_sampling else want
         samples = c.train_prompts.next_batch(need)
-        if c.extra.get("engine_stale"):
-            sync_weights(c, version=f"step{step}")
-        rollouts, rewards = generate_and_score(c, samples, n, sampling_params(args, step * 1000 + round_))
+        with rollout_phase(c, version=f"step{step}"):
+            rollouts, rewards = generate_and_score(c, samples, n, sampling_params(args, step * 1000 + round_))
         drawn += need
         for g in range(need):
             group = (rollouts[g * n:(g + 1) * n], rewards[g * n:(g + 1) * n])
@@ -195,18 +223,10 @@ def sft_traces(c: Components) -> list[Rollout]:
             traces.append(Rollout(prompt_ids=s.prompt_ids, output_ids=ids, output_logprobs=[0.0] * len(ids),
                                   finish_reason="stop"))
         return traces
-    from rlad_megatron.convert import export_hf_weights
-    from rlad_megatron.rollout.weight_sync import push_weights
-
-    stream = export_hf_weights(c.teacher)
-    if platform.is_rank0():
-        push_weights(c.engine, stream, version="teacher", bucket_bytes=args.update_weight_buffer_size)
-    else:
-        for _ in stream:
-            pass
-    # the prompts the RL methods would see in the same budget
-    samples = samples[: args.rollout_batch_size * args.train_iters]
-    rollouts, rewards = generate_and_score(c, samples, args.n_samples_per_prompt, sampling_params(args, -1))
+    samples = samples[: args.rollout_batch_size * args.train_iters]  # the prompts RL sees in the same budget
+    c.extra["engine_stale"] = True
+    with rollout_phase(c, version="teacher", model=c.teacher):
+        rollouts, rewards = generate_and_score(c, samples, args.n_samples_per_prompt, sampling_params(args, -1))
     kept = [r for r, rew in zip(rollouts, rewards) if rew >= 1.0]
     if not kept:
         raise RuntimeError("--algo sft: the teacher solved none of the training prompts; nothing to distil")
@@ -227,15 +247,43 @@ def sft_batch(c: Components) -> RolloutBatch:
 # ------------------------------------------------------------------------------------------------ sync/eval/ckpt
 
 
-def sync_weights(c: Components, version: str) -> dict:
-    """Megatron student -> HF-named full tensors (TP gathered, PP broadcast) -> buckets -> engine."""
-    from rlad_megatron.convert import export_hf_weights
+@contextmanager
+def rollout_phase(c: Components, version: str, model=None):
+    """The engine holds current weights inside the block. Colocated SGLang on GPU: optimizer and teacher
+    leave GPU memory, the engine resumes its weights, the student is pushed and leaves too, the engine
+    resumes its KV cache; on exit the engine releases everything and training state comes back."""
+    if c.extra.get("engine_stale"):
+        if c.offloader is None:
+            c.extra["sync_metrics"] = sync_weights(c, version, model)
+        else:
+            from rlad_megatron.offload import to_rollout
 
-    c.extra["engine_stale"] = False
+            out = {}
+            to_rollout(c.engine, c.offloader, lambda: out.update(sync_weights(c, version, model)),
+                       before_push=("optimizer", "teacher"), after_push=("student",))
+            c.extra["sync_metrics"] = out
+    elif c.offloader is not None:
+        c.offloader.offload("optimizer", "teacher", "student")
+        if c.engine is not None:
+            c.engine.resume_memory(("weights", "kv_cache", "cuda_graph"))
+    try:
+        yield
+    finally:
+        if c.offloader is not None:
+            from rlad_megatron.offload import to_training
+
+            to_training(c.engine, c.offloader, "student", "optimizer", "teacher")
+
+
+def sync_weights(c: Components, version: str, model=None) -> dict:
+    """Megatron model (default: the student) -> HF-named full tensors (TP gathered, PP broadcast) -> buckets
+    -> engine."""
+    from rlad_megatron.convert import export_hf_weights
     from rlad_megatron.rollout.weight_sync import push_weights
 
+    c.extra["engine_stale"] = False
     t0 = time.perf_counter()
-    stream = export_hf_weights(c.student)
+    stream = export_hf_weights(model or c.student)
     if platform.is_rank0():
         stats = push_weights(c.engine, stream, version=version, bucket_bytes=c.args.update_weight_buffer_size)
         out = {"sync/seconds": stats.seconds, "sync/buckets": float(stats.buckets)}
@@ -243,7 +291,7 @@ def sync_weights(c: Components, version: str) -> dict:
         for _ in stream:
             pass
         out = {}
-    if c.args.check_weight_sync:
+    if c.args.check_weight_sync and model is None:
         out["sync/probe_logp_max_diff"] = check_sync(c)
     out.setdefault("sync/seconds", time.perf_counter() - t0)
     return out
@@ -265,15 +313,14 @@ def check_sync(c: Components) -> float:
 
 def evaluate_student(c: Components) -> dict:
     args = c.args
-    if c.extra.get("engine_stale"):
-        sync_weights(c, version="eval")
     sampling = SamplingParams(temperature=args.eval_temperature, top_p=args.rollout_top_p,
                               max_new_tokens=args.max_response_len, stop=tuple(args.rollout_stop),
                               stop_token_ids=tuple(args.rollout_stop_token_ids), seed=args.seed)
     out = [None]
-    if platform.is_rank0():
-        out = [evaluate(c.engine, c.eval_prompts, reward=c.reward, k=args.eval_samples, sampling=sampling,
-                        tokenizer=c.tokenizer, reward_workers=args.reward_workers)]
+    with rollout_phase(c, version="eval"):
+        if platform.is_rank0():
+            out = [evaluate(c.engine, c.eval_prompts, reward=c.reward, k=args.eval_samples, sampling=sampling,
+                            tokenizer=c.tokenizer, reward_workers=args.reward_workers)]
     dist.broadcast_object_list(out, src=0)
     return {f"eval/{k}": v for k, v in out[0]["overall"].items()}
 
