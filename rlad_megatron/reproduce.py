@@ -99,13 +99,16 @@ class Recipe:
     def check(self) -> None:
         if self.rl_iters % self.eval_interval:
             raise ValueError(f"rl_iters {self.rl_iters} must be a multiple of eval_interval {self.eval_interval}")
+        if self.rl_iters * self.num_updates <= self.lr_warmup_steps:
+            raise ValueError(f"{self.rl_iters} steps x {self.num_updates} updates must exceed the "
+                             f"{self.lr_warmup_steps} warm-up steps")
         unknown = set(self.methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
 
 
 QUICK = dict(teacher_iters=500, student_iters=150, rl_iters=4, eval_interval=2, eval_size=64, seeds=(1,),
-             final_k=4)
+             lr_warmup_steps=2, final_k=4)
 # What was tuned before fixing `Recipe` (short runs: `--tune`, 1 seed, a separate tuning eval seed, same
 # grid for every method): the shared lr x updates-per-rollout, then KDRL's kl_coef at the chosen setting.
 TUNE_GRID = dict(lr=(1e-4, 3e-4), num_updates=(1, 2))
@@ -630,7 +633,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--methods", nargs="*", default=None, choices=METHODS)
     p.add_argument("--seeds", nargs="*", type=int, default=None)
     for f in ("rl_iters", "eval_interval", "eval_size", "num_updates", "teacher_iters", "student_iters", "nproc",
-              "teacher_tp", "final_k"):
+              "teacher_tp", "final_k", "lr_warmup_steps"):
         p.add_argument("--" + f.replace("_", "-"), type=int, default=None)
     for f in ("lr", "kl_coef"):
         p.add_argument("--" + f.replace("_", "-"), type=float, default=None)
@@ -638,7 +641,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     overrides = dict(QUICK) if a.quick else {}
     for f in ("rl_iters", "eval_interval", "eval_size", "num_updates", "teacher_iters", "student_iters", "nproc",
-              "teacher_tp", "final_k", "lr", "kl_coef"):
+              "teacher_tp", "final_k", "lr_warmup_steps", "lr", "kl_coef"):
         if getattr(a, f) is not None:
             overrides[f] = getattr(a, f)
     if a.methods:
