@@ -143,7 +143,9 @@ def load_benchmark(source: str, *, size: int, seed: int, configs: list[dict], to
             else:
                 from rlad_megatron.data.tasks import make_task_dataset
 
-                samples += make_task_dataset(task, split="eval", size=size, seed=seed, **cfg)
+                # without a chat template the system prompt and the question become one plain string
+                samples += make_task_dataset(task, split="eval", size=size, seed=seed, chat=apply_chat_template,
+                                             **cfg)
     else:
         if configs != [{}]:
             raise ValueError(f"--task-config applies to builtin:<task> sets, not to the file {source}")
@@ -231,8 +233,8 @@ def markdown_table(result: dict) -> str:
     """One row per benchmark x subset: prompts, mean@k, pass@j."""
     s = result["settings"]
     metric_keys = [f"mean@{s['k']}", *(f"pass@{j}" for j in s["pass_k"])]
-    lines = [f"**{result['model']}** ({result['model_format']}); k={s['k']} samples/prompt, "
-             f"temperature {s['temperature']}, top-p {s['top_p']}, max {s['max_new_tokens']} new tokens",
+    lines = [(f"**{result['model']}** ({result['model_format']}); k={s['k']} samples/prompt, "
+             f"temperature {s['temperature']}, top-p {s['top_p']}, max {s['max_new_tokens']} new tokens"),
              "",
              "| benchmark | subset | prompts | " + " | ".join(metric_keys) + " |",
              "|---|---|---:|" + "---:|" * len(metric_keys)]

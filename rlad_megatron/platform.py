@@ -194,15 +194,15 @@ def init_distributed(timeout_s: int = 600) -> None:
     """`torch.distributed` from the torchrun environment (a 1-rank group when run without torchrun)."""
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # without torchrun: a 1-rank group on a free port (not written to os.environ, which child processes inherit)
+    standalone = {} if "RANK" in os.environ else {
+        "init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
     backend = "nccl" if has_cuda() else "gloo"
     if has_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **standalone)
 
 
 def init(layout: Layout = Layout(), seed: int = 1234) -> None:

@@ -287,8 +287,9 @@ def spread(xs: list[float]) -> tuple[float, float]:
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def collect(out: Path, pair: Path, r: Recipe) -> dict:
-    """Everything the report shows, parsed from the runs' own files."""
+def collect(out: Path, pair: Path, r: Recipe, stages: dict[str, float] | None = None) -> dict:
+    """Everything the report shows, parsed from the runs' own files (`stages`: subprocess seconds per run)."""
+    stages = stages or {}
     runs = {}
     for method in r.methods:
         for seed in r.seeds:
@@ -302,7 +303,8 @@ def collect(out: Path, pair: Path, r: Recipe) -> dict:
                 "diag_first": {k: mean_of([x for x in rows if x["step"] <= r.rl_iters // 4], k) for k in DIAGNOSTICS},
                 "diag_last": {k: mean_of([x for x in rows if x["step"] > 3 * r.rl_iters // 4], k) for k in DIAGNOSTICS},
                 "sampled": ev,
-                "seconds": rows[-1]["time"] - rows[0]["time"],
+                # the whole subprocess (start-up, teacher traces, evals) when this invocation ran it
+                "seconds": stages.get(f"{method}_seed{seed}") or rows[-1]["time"] - rows[0]["time"],
             }
     before = {k: json.loads((out / "evals" / f"{k}.json").read_text())["benchmarks"]["addition"]["metrics"]
               for k in ("student_before", "teacher")}
@@ -337,7 +339,9 @@ def machine_info() -> dict:
         except OSError:
             return "unavailable"
 
-    return {"nproc": sh(["nproc"]), "uname": sh(["uname", "-a"]), "cpu": cpu,
+    # `nproc` honours OMP_NUM_THREADS (set to 1 for every stage), so ask it without that variable
+    return {"nproc": sh(["env", "-u", "OMP_NUM_THREADS", "-u", "OMP_THREAD_LIMIT", "nproc"]),
+            "uname": sh(["uname", "-a"]), "cpu": cpu,
             "python": pyplatform.python_version(), "torch": torch.__version__,
             "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg())}
 
@@ -396,7 +400,7 @@ def verdict(data: dict, r: Recipe) -> list[str]:
     p = max(min(before, 0.99), 0.01)
     se = math.sqrt(p * (1 - p) / r.eval_size)
     order = sorted(r.methods, key=lambda m: -means[m])
-    out = [f"Ranking by mean final held-out accuracy: "
+    out = ["Ranking by mean final held-out accuracy: "
            + " > ".join(f"{m.upper()} {means[m] * 100:.1f}%" for m in order)
            + f" (before training {before * 100:.1f}%; one eval has a binomial standard error of about "
            f"{se * 100:.1f} points at that accuracy)."]
@@ -487,11 +491,11 @@ def write_report(data: dict, r: Recipe, meta: dict, md_path: Path, png_path: Pat
           "with an explicit carry trace (`research/data_rewards.md` section 5); binary exact-answer reward; a "
           "randomly initialised char-level Qwen2 pair trained here from nothing (teacher d=64, student d=32).", ""]
     L += ["## Result", ""] + [f"* {s}" for s in verdict(data, r)] + [""]
-    L += [f"Held-out set: {r.eval_size} items of the builtin addition eval split (generator seed "
+    L += [(f"Held-out set: {r.eval_size} items of the builtin addition eval split (generator seed "
           f"{r.eval_seed} + 10^9, disjoint from all training seeds), identical for every run. Greedy accuracy is "
           f"logged every {r.eval_interval} RL steps; Mean@{k} / Pass@{k} are `rlad-eval` of the final student with "
           f"{k} samples per prompt at T={r.final_temperature}, top-p {r.final_top_p} (the paper's eval sampling). "
-          f"Mean ± sample std over seeds {', '.join(map(str, seeds))}.", ""]
+          f"Mean ± sample std over seeds {', '.join(map(str, seeds))}."), ""]
     hdr = (f"| method | final greedy acc. (%) | per seed | best eval during run (%) | Mean@{k} (%) | Pass@{k} (%) "
            f"| 2 terms Mean@{k} | 3 terms Mean@{k} | run wall-clock (s) |")
     L += [hdr, "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -527,42 +531,45 @@ def write_report(data: dict, r: Recipe, meta: dict, md_path: Path, png_path: Pat
             vals = [runs[(m, s)]["diag"][key] for s in seeds if runs[(m, s)]["diag"][key] is not None]
             cells.append(f"{statistics.fmean(vals):.4f}" if vals else "–")
         L.append(f"| {m.upper()} | " + " | ".join(cells) + " |")
-    L += ["", "Fractions are of response tokens (clip/gate/clamp) or of prompt groups (zero-adv.). `gate blocked` "
+    L += ["", ("Fractions are of response tokens (clip/gate/clamp) or of prompt groups (zero-adv.). `gate blocked` "
           "= tokens whose policy gradient GRPO's ratio would pass but the TRRD ratio clips (selective imitation); "
-          "`gate enabled` = the reverse. SFT has no rollouts, hence no RL diagnostics (its loss is plain NLL).", ""]
+          "`gate enabled` = the reverse. SFT has no rollouts, hence no RL diagnostics (its loss is plain NLL)."), ""]
     L += diagnostics_text(data, r) + [""]
 
     L += ["## Settings", "", "Identical for every method (only `--algo` and the method's own knob differ):", "",
-          f"* RL steps {r.rl_iters}; {r.rollout_batch_size} prompts x {r.n_samples} samples per step (SFT: the same "
+          (f"* RL steps {r.rl_iters}; {r.rollout_batch_size} prompts x {r.n_samples} samples per step (SFT: the same "
           f"{r.rollout_batch_size * r.n_samples} sequences per step); the same {r.rl_iters * r.rollout_batch_size} "
-          "training prompts (`--train-size`), each seen once; rollout T=1, max 60 new tokens.",
-          f"* Adam lr {r.lr}, {r.lr_warmup_steps} warm-up optimizer steps, constant after; grad-clip 1.0; "
+          "training prompts (`--train-size`), each seen once; rollout T=1, max 60 new tokens."),
+          (f"* Adam lr {r.lr}, {r.lr_warmup_steps} warm-up optimizer steps, constant after; grad-clip 1.0; "
           f"micro-batch {r.micro_batch_size}; {r.num_updates} optimizer update(s) per rollout batch "
-          f"(global batch {r.rollout_batch_size * r.n_samples // r.num_updates}).",
-          "* Clip eps 0.2 / 0.28 (the paper's K&K values), loss aggregation seq-mean-token-mean, no ref-KL, no "
-          "entropy bonus, no dynamic sampling.",
-          f"* RLAD: alpha {r.alpha}, teacher log-ratio clamp 1 (App. B). KDRL: kl_coef {r.kl_coef}, k2 estimator "
+          f"(global batch {r.rollout_batch_size * r.n_samples // r.num_updates})."),
+          ("* Clip eps 0.2 / 0.28 (the paper's K&K values), loss aggregation seq-mean-token-mean, no ref-KL, no "
+          "entropy bonus, no dynamic sampling."),
+          (f"* RLAD: alpha {r.alpha}, teacher log-ratio clamp 1 (App. B). KDRL: kl_coef {r.kl_coef}, k2 estimator "
           "(the paper does not report KDRL's coefficient). SFT: `--sft-source teacher`: the teacher samples "
-          f"{r.n_samples} answers (T=1) for each of the same training prompts; correct ones are kept.",
-          f"* Layout: {r.nproc} CPU ranks, student TP=1 x DP={r.nproc}, teacher TP={r.teacher_tp} (gloo); rollouts "
-          "from the in-process HF engine fed by the Megatron -> HF weight sync.",
-          f"* Seeds {', '.join(map(str, seeds))} (`--seed`: training prompt stream, sampling, initial RNG); the pair is "
-          "built once (seeded) and shared by all runs.", ""]
+          f"{r.n_samples} answers (T=1) for each of the same training prompts; correct ones are kept."),
+          (f"* Layout: {r.nproc} CPU ranks, student TP=1 x DP={r.nproc}, teacher TP={r.teacher_tp} (gloo); rollouts "
+          "from the in-process HF engine fed by the Megatron -> HF weight sync."),
+          (f"* Seeds {', '.join(map(str, seeds))} (`--seed`: training prompt stream, sampling, initial RNG); the pair is "
+          "built once (seeded) and shared by all runs."), ""]
     L += ["### What was tuned", "", *TUNING_NOTES, ""]
 
     L += ["## Commands (in order; cwd = repository root)", "", "```"]
     for c in meta["commands"]:
         L.append(c["command"] + ("    # reused from an earlier run" if c.get("skipped") else ""))
-    L += ["```", "", "`rlad-eval` ran in the driver's process through the same entry point "
-          "(`rlad_megatron.eval.main`).", ""]
+    L += ["```", "", ("`rlad-eval` ran in the driver's process through the same entry point "
+          "(`rlad_megatron.eval.main`)."), ""]
     mi = meta["machine"]
+    n_reused = sum(bool(c.get("skipped")) for c in meta["commands"])
     L += ["## Machine and wall-clock", "",
           f"* `nproc`: {mi['nproc']}; CPU: {mi['cpu']}; Python {mi['python']}, torch {mi['torch']}.",
           f"* `uname -a`: `{mi['uname']}`",
           f"* load average at start: {mi['loadavg']} (the box is shared with other jobs; timings are pessimistic).",
           f"* wall-clock of the whole driver: {meta['wall_s'] / 60:.1f} min "
           f"(pair {meta['pair_s'] / 60:.1f} min, training runs {meta['train_s'] / 60:.1f} min, "
-          f"sampled evals {meta['eval_s'] / 60:.1f} min).", ""]
+          f"sampled evals {meta['eval_s'] / 60:.1f} min)"
+          + (f"; {n_reused} stage(s) were reused from an earlier invocation and are not included." if n_reused
+             else "."), ""]
     text = "\n".join(L) + "\n"
     md_path.parent.mkdir(parents=True, exist_ok=True)
     md_path.write_text(text)
@@ -570,10 +577,10 @@ def write_report(data: dict, r: Recipe, meta: dict, md_path: Path, png_path: Pat
 
 
 TUNING_NOTES = [
-    "Nothing the paper fixes was tuned (alpha 0.5, clip 0.2/0.28, clamp 1, group size 8). The knobs it leaves open "
+    ("Nothing the paper fixes was tuned (alpha 0.5, clip 0.2/0.28, clamp 1, group size 8). The knobs it leaves open "
     "were chosen with the short-run grid of `python -m rlad_megatron.reproduce --tune` (100 RL steps, 1 seed, a "
     "separate tuning held-out set with eval seed 777, every method on the same grid): the shared lr in {1e-4, 3e-4} "
-    "x updates per rollout in {1, 2}, then KDRL's kl_coef in {0.01, 0.1, 1.0} at the chosen setting.",
+    "x updates per rollout in {1, 2}, then KDRL's kl_coef in {0.01, 0.1, 1.0} at the chosen setting."),
 ]
 
 
@@ -674,7 +681,7 @@ def main(argv: list[str] | None = None) -> dict:
     t_train = time.perf_counter()
     eval_all(log, out, pair, r)
     t_eval = time.perf_counter()
-    data = collect(out, pair, r)
+    data = collect(out, pair, r, log.stages)
     data["out"] = str(out)
     meta = {"commands": log.commands, "machine": machine, "wall_s": t_eval - t0, "pair_s": t_pair - t0,
             "train_s": t_train - t_pair, "eval_s": t_eval - t_train}

@@ -225,8 +225,19 @@ def sft_traces(c: Components) -> list[Rollout]:
         return traces
     samples = samples[: args.rollout_batch_size * args.train_iters]  # the prompts RL sees in the same budget
     c.extra["engine_stale"] = True
-    with rollout_phase(c, version="teacher", model=c.teacher):
-        rollouts, rewards = generate_and_score(c, samples, args.n_samples_per_prompt, sampling_params(args, -1))
+    student_engine = c.engine
+    if c.teacher.spec.hf_config != c.student.spec.hf_config:  # the engine has the student's shapes
+        from rlad_megatron.components import build_engine
+
+        c.engine = build_engine(args, c.teacher.spec, c.tokenizer, model_dir=args.teacher_hf)
+    try:
+        with rollout_phase(c, version="teacher", model=c.teacher):
+            rollouts, rewards = generate_and_score(c, samples, args.n_samples_per_prompt, sampling_params(args, -1))
+    finally:
+        if c.engine is not student_engine:
+            if c.engine is not None:
+                c.engine.shutdown()
+            c.engine = student_engine
     kept = [r for r, rew in zip(rollouts, rewards) if rew >= 1.0]
     if not kept:
         raise RuntimeError("--algo sft: the teacher solved none of the training prompts; nothing to distil")

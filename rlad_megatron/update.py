@@ -14,6 +14,7 @@ from argparse import Namespace
 import torch
 import torch.distributed as dist
 
+from rlad_megatron import platform
 from rlad_megatron.algos import micro_batch_loss
 from rlad_megatron.batch import RolloutBatch
 from rlad_megatron.models.builder import Model
@@ -25,7 +26,9 @@ class NonFiniteError(RuntimeError):
 
 
 def _mb_dict(batch: RolloutBatch) -> dict:
-    return {k: v for k, v in vars(batch).items() if v is not None}
+    """The micro-batch's tensors on the compute device (the batch itself is kept on the CPU)."""
+    dev = platform.device()
+    return {k: v.to(dev, non_blocking=True) for k, v in vars(batch).items() if v is not None}
 
 
 def mean_metrics(local: list[dict]) -> dict[str, float]:

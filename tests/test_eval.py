@@ -160,6 +160,19 @@ def test_rlad_eval_json_and_markdown(tiny_dir, tmp_path, monkeypatch, capsys):
     assert [r["responses"] for r in again] == [r["responses"] for r in bench_rows]
 
 
+def test_rlad_eval_knights_knaves_by_number_of_people(tiny_dir, tmp_path):
+    """A reasoning-gym set swept over a generator knob: one subset per value, scored by the task's reward."""
+    out = tmp_path / "kk.json"
+    main(["--model", str(tiny_dir), "--data", "builtin:knights_knaves", "--task-config", "n_people=2,3",
+          "--size", "3", "--k", "2", "--max-new-tokens", "4", "--no-chat-template", "--quiet", "--output-json", str(out)])
+    result = json.loads(out.read_text())
+    bench = result["benchmarks"]["knights_knaves"]
+    assert bench["reward"] == "knights_knaves"
+    assert {k: v["prompts"] for k, v in bench["metrics"].items()} == {
+        "overall": 6, "knights_knaves/n_people=2": 3, "knights_knaves/n_people=3": 3}
+    assert bench["metrics"]["overall"]["mean@2"] == 0.0  # 4 random characters never solve a puzzle
+
+
 def test_rlad_eval_rejects_bad_input(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match="pass-k"):
         main(["--model", str(tiny_dir), "--data", "builtin:addition", "--size", "2", "--k", "2", "--pass-k", "4",
