@@ -23,11 +23,11 @@ from pathlib import Path
 PHASES = ["rollout", "old_logp", "teacher", "update", "sync", "step"]
 
 
-def run(algo: str, work: Path, steps: int) -> list[dict]:
-    out = work / algo
+def run(algo: str, work: Path, steps: int, teacher_tp: int, tag: str) -> list[dict]:
+    out = work / f"{algo}_{tag}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "rlad_megatron.train", "--algo", algo, "--student-hf", str(work / "student"), "--teacher-hf",
-           str(work / "teacher"), "--teacher-tensor-model-parallel-size", "2", "--prompt-data", "builtin:addition",
+           str(work / "teacher"), "--teacher-tensor-model-parallel-size", str(teacher_tp), "--prompt-data", "builtin:addition",
            "--no-chat-template", "--train-size", "4096", "--rollout-batch-size", "8", "--n-samples-per-prompt", "8",
            "--micro-batch-size", "32", "--num-updates-per-rollout", "2", "--max-response-len", "60", "--lr", "1e-5",
            "--train-iters", str(steps), "--reward", "addition", "--output-dir", str(out)]
@@ -40,6 +40,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=2, help="GRPO and RLAD runs alternate, this many times each")
+    p.add_argument("--teacher-tp", type=int, default=2)
     a = p.parse_args()
     from rlad_megatron.tiny import make_tiny_model
 
@@ -47,13 +49,17 @@ def main() -> None:
         work = Path(tmp)
         make_tiny_model(work / "student", "student", seed=2)
         make_tiny_model(work / "teacher", "teacher", seed=1)
-        rows = {algo: [r for r in run(algo, work, a.steps) if r["step"] > a.warmup] for algo in ("grpo", "rlad")}
-    print(f"| phase (s/step, mean of steps {a.warmup + 1}-{a.steps}) | GRPO | RLAD | RLAD / GRPO |")
+        rows: dict[str, list[dict]] = {"grpo": [], "rlad": []}
+        for i in range(a.rounds):  # alternate so load from other jobs hits both methods alike
+            for algo in ("grpo", "rlad"):
+                rows[algo] += [r for r in run(algo, work, a.steps, a.teacher_tp, str(i)) if r["step"] > a.warmup]
+    print(f"teacher TP={a.teacher_tp}; {a.rounds} alternating runs per method; steps {a.warmup + 1}-{a.steps}")
+    print("| phase (s/step, median) | GRPO | RLAD | RLAD / GRPO |")
     print("|---|---:|---:|---:|")
     for phase in PHASES:
         key = f"perf/{phase}_s"
-        g = statistics.fmean(r.get(key, 0.0) for r in rows["grpo"])
-        r = statistics.fmean(r.get(key, 0.0) for r in rows["rlad"])
+        g = statistics.median(r.get(key, 0.0) for r in rows["grpo"])
+        r = statistics.median(r.get(key, 0.0) for r in rows["rlad"])
         ratio = f"{r / g:.3f}" if g > 0 else "-"
         print(f"| {phase} | {g:.4f} | {r:.4f} | {ratio} |")
     tok = {k: statistics.fmean(r["rollout/response_len"] for r in v) for k, v in rows.items()}

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, torchrun_env
+from tests.conftest import ROOT, torchrun_env
 
 from rlad_megatron import checkpoint as ckpt
 

@@ -186,15 +186,29 @@ def test_rlad_eval_rejects_bad_input(tiny_dir, tmp_path):
 
 
 def test_rlad_eval_megatron_checkpoint_matches_hf(tiny_dir, tmp_path):
-    """The same weights as a model-only Megatron checkpoint (built at TP=1 in-process, exported into the
-    engine) give exactly the samples of the HF dir."""
+    """The same weights as a model-only Megatron checkpoint and as an rlad-train --save checkpoint (built at TP=1
+    in-process, exported into the engine) give exactly the samples of the HF dir."""
     env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false",
            "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
     ckpt = tmp_path / "mcore"
+    train_ckpt = tmp_path / "train_save"
+    save_train = textwrap.dedent(f"""
+        from rlad_megatron import platform
+        from rlad_megatron.checkpoint import save_checkpoint
+        from rlad_megatron.convert import load_hf_into_megatron
+        from rlad_megatron.models.builder import build_model
+        from rlad_megatron.models.families import spec_from_hf_config
+        platform.init(platform.Layout())
+        model = build_model(spec_from_hf_config({str(tiny_dir)!r}))
+        load_hf_into_megatron(model, {str(tiny_dir)!r})
+        save_checkpoint({str(train_ckpt)!r}, 3, model, train_state={{"step": 3}})
+        platform.shutdown()
+    """)
     script = textwrap.dedent(f"""
         import subprocess, sys
         subprocess.run([sys.executable, {str(ROOT / 'tools/convert_hf_to_megatron.py')!r}, '--hf-dir', {str(tiny_dir)!r},
                         '--save', {str(ckpt)!r}], check=True)
+        subprocess.run([sys.executable, '-c', {save_train!r}], check=True)
         from rlad_megatron.eval import main
         common = ['--data', 'builtin:addition', '--size', '6', '--k', '3', '--max-new-tokens', '8',
                   '--no-chat-template', '--quiet']
@@ -202,6 +216,14 @@ def test_rlad_eval_megatron_checkpoint_matches_hf(tiny_dir, tmp_path):
               '--save-samples', {str(tmp_path / 'm.jsonl')!r}, *common])
         main(['--model', {str(tiny_dir)!r}, '--output-json', {str(tmp_path / 'h.json')!r},
               '--save-samples', {str(tmp_path / 'h.jsonl')!r}, *common])
+        main(['--model', {str(train_ckpt)!r}, '--tokenizer', {str(tiny_dir)!r},
+              '--save-samples', {str(tmp_path / 't.jsonl')!r}, *common])
+        try:
+            main(['--model', {str(ckpt)!r}, *common])
+        except ValueError as e:
+            assert '--tokenizer' in str(e), e
+        else:
+            raise AssertionError('a Megatron checkpoint without --tokenizer must be refused')
     """)
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240,
                        check=False, cwd=tmp_path)
@@ -213,4 +235,6 @@ def test_rlad_eval_megatron_checkpoint_matches_hf(tiny_dir, tmp_path):
                                                                   "seconds": meg["benchmarks"]["addition"]["seconds"]}}
     m_rows = [json.loads(x)["responses"] for x in (tmp_path / "m.jsonl").read_text().splitlines()]
     h_rows = [json.loads(x)["responses"] for x in (tmp_path / "h.jsonl").read_text().splitlines()]
-    assert m_rows == h_rows and len(m_rows) == 6
+    t_rows = [json.loads(x)["responses"] for x in (tmp_path / "t.jsonl").read_text().splitlines()]
+    assert m_rows == h_rows == t_rows and len(m_rows) == 6
+    assert model_format(train_ckpt) == "megatron-train" and model_format(train_ckpt / "iter_0000003") == "megatron-train"

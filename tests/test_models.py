@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_torchrun
+from tests.conftest import ROOT, run_torchrun
 
 WORKER = ROOT / "tests" / "dist" / "models_worker.py"
 

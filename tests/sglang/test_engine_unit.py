@@ -23,13 +23,13 @@ from rlad_megatron.rollout.sglang_args import (
 from rlad_megatron.rollout.sglang_engine import (
     LogprobParityError,
     SGLangEngine,
-    _tail_logprobs,
-    _wait_all,
     check_logprob_parity,
     init_weight_group,
     rollout_from_output,
     sampling_dict,
 )
+from rlad_megatron.rollout.sglang_io import _tail_logprobs
+from rlad_megatron.rollout.sglang_remote import _wait_all
 
 no_sglang = pytest.mark.skipif(sglang_available(), reason="checks behaviour without sglang installed")
 

@@ -21,13 +21,13 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from rlad_megatron.rollout.base import RolloutEngine, SamplingParams, WeightUpdateError
 from rlad_megatron.rollout.sglang_args import parse_version
 from rlad_megatron.rollout.sglang_engine import (
-    SESSION_MIN_VERSION,
     LogprobParityError,
     ServerProcess,
     SGLangEngine,
     check_logprob_parity,
     tail_logprobs,
 )
+from rlad_megatron.rollout.sglang_remote import SESSION_MIN_VERSION
 from rlad_megatron.rollout.weight_sync import push_weights
 
 torch.set_num_threads(1)
@@ -229,10 +229,10 @@ def test_remote_group_without_sglang_helper(remote, models, monkeypatch):
     """The trainer-side group built by plain torch (no sglang on the trainer) matches SGLang's engine side."""
     import functools
 
-    from rlad_megatron.rollout import sglang_engine
+    from rlad_megatron.rollout import sglang_remote
 
-    monkeypatch.setattr(sglang_engine, "init_weight_group",
-                        functools.partial(sglang_engine.init_weight_group, prefer_sglang=False))
+    monkeypatch.setattr(sglang_remote, "init_weight_group",
+                        functools.partial(sglang_remote.init_weight_group, prefer_sglang=False))
     remote._t._group = None
     push_weights(remote, named_weights(models["a"]), version="r4", bucket_bytes=128 * 1024)
     assert_follows(remote, models["a"])
