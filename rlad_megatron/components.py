@@ -200,3 +200,7 @@ def build_offloader(args: Namespace, ddp, optimizer, teacher: Model | None):
     if teacher is not None:
         off.register("teacher", teacher.module, frozen=True)
     return off
+
+def pad_id(c: Components) -> int:
+    tok = c.tokenizer
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

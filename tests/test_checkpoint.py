@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import ROOT, torchrun_env
 
 from rlad_megatron import checkpoint as ckpt
+from tests.conftest import ROOT, torchrun_env
 
 WORKER = ROOT / "tests" / "dist" / "checkpoint_worker.py"
 

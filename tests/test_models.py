@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tests.conftest import ROOT, run_torchrun
 
 WORKER = ROOT / "tests" / "dist" / "models_worker.py"

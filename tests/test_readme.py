@@ -8,7 +8,7 @@ from tests.conftest import ROOT
 def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text()
     setup = text.split("## Fresh machine: two commands", 1)[1].split("\n## ", 1)[0]
-    return re.findall(r"```bash\n(.+?)\n```", setup, flags=re.S)
+    return re.findall(r"```bash\n(.+?)\n```", setup, flags=re.DOTALL)
 
 
 def test_two_commands_run_and_test():
