@@ -23,12 +23,25 @@ from pathlib import Path
 PHASES = ["rollout", "old_logp", "teacher", "update", "sync", "step"]
 
 
-def run(algo: str, work: Path, steps: int, teacher_tp: int, tag: str) -> list[dict]:
+def write_prompts(path: Path, n: int = 4096) -> None:
+    """Column-addition prompts as a JSONL file (no reasoning-gym needed, e.g. on a bare GPU image)."""
+    import random
+
+    from rlad_megatron.data.addition import addition_prompt
+
+    rng = random.Random(0)
+    with open(path, "w") as f:
+        for _ in range(n):
+            terms = [rng.randrange(10_000) for _ in range(rng.choice((2, 3)))]
+            f.write(json.dumps({"prompt": addition_prompt(terms), "answer": str(sum(terms)), "task": "addition"}) + "\n")
+
+
+def run(algo: str, work: Path, steps: int, teacher_tp: int, nproc: int, tag: str) -> list[dict]:
     out = work / f"{algo}_{tag}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
            "rlad_megatron.train", "--algo", algo, "--student-hf", str(work / "student"), "--teacher-hf",
-           str(work / "teacher"), "--teacher-tensor-model-parallel-size", str(teacher_tp), "--prompt-data", "builtin:addition",
-           "--no-chat-template", "--train-size", "4096", "--rollout-batch-size", "8", "--n-samples-per-prompt", "8",
+           str(work / "teacher"), "--teacher-tensor-model-parallel-size", str(teacher_tp), "--prompt-data", str(work / "prompts.jsonl"),
+           "--no-chat-template", "--rollout-batch-size", "8", "--n-samples-per-prompt", "8",
            "--micro-batch-size", "32", "--num-updates-per-rollout", "2", "--max-response-len", "60", "--lr", "1e-5",
            "--train-iters", str(steps), "--reward", "addition", "--output-dir", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -42,6 +55,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=2, help="GRPO and RLAD runs alternate, this many times each")
     p.add_argument("--teacher-tp", type=int, default=2)
+    p.add_argument("--nproc", type=int, default=2, help="ranks (CPU processes or GPUs)")
     a = p.parse_args()
     from rlad_megatron.tiny import make_tiny_model
 
@@ -49,11 +63,16 @@ def main() -> None:
         work = Path(tmp)
         make_tiny_model(work / "student", "student", seed=2)
         make_tiny_model(work / "teacher", "teacher", seed=1)
+        write_prompts(work / "prompts.jsonl")
         rows: dict[str, list[dict]] = {"grpo": [], "rlad": []}
         for i in range(a.rounds):  # alternate so load from other jobs hits both methods alike
             for algo in ("grpo", "rlad"):
-                rows[algo] += [r for r in run(algo, work, a.steps, a.teacher_tp, str(i)) if r["step"] > a.warmup]
-    print(f"teacher TP={a.teacher_tp}; {a.rounds} alternating runs per method; steps {a.warmup + 1}-{a.steps}")
+                rows[algo] += [r for r in run(algo, work, a.steps, a.teacher_tp, a.nproc, str(i)) if r["step"] > a.warmup]
+    import torch
+
+    where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{os.cpu_count()}-core CPU"
+    print(f"{where}, {a.nproc} rank(s), teacher TP={a.teacher_tp}; {a.rounds} alternating runs per method; "
+          f"steps {a.warmup + 1}-{a.steps}")
     print("| phase (s/step, median) | GRPO | RLAD | RLAD / GRPO |")
     print("|---|---:|---:|---:|")
     for phase in PHASES:
