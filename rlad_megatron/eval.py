@@ -160,13 +160,12 @@ def load_benchmark(source: str, *, size: int, seed: int, configs: list[dict], to
 
 def model_format(path: str | Path) -> str:
     """'hf', 'megatron' (model-only dist checkpoint) or 'megatron-train' (rlad-train --save dir or iter_* dir)."""
-    from rlad_megatron.checkpoint import list_checkpoints
-
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"--model {path}: not a directory")
     if (path / "config.json").exists():
         return "hf"
+    from rlad_megatron.checkpoint import list_checkpoints  # imports megatron-core: only for non-HF dirs
     meta = path / "rlad_meta.json"
     if meta.exists() and "version" in json.loads(meta.read_text()):
         return "megatron"

@@ -555,8 +555,9 @@ def write_report(data: dict, r: Recipe, meta: dict, md_path: Path, png_path: Pat
 
     L += ["## Settings", "", "Identical for every method (only `--algo` and the method's own knob differ):", "",
           (f"* RL steps {r.rl_iters}; {r.rollout_batch_size} prompts x {r.n_samples} samples per step (SFT: the same "
-          f"{r.rollout_batch_size * r.n_samples} sequences per step); the same {r.rl_iters * r.rollout_batch_size} "
-          "training prompts (`--train-size`), each seen once; rollout T=1, max 60 new tokens."),
+          f"{r.rollout_batch_size * r.n_samples} sequences per step); within a seed every method gets the same "
+          f"{r.rl_iters * r.rollout_batch_size} training prompts (`--train-size`), each seen once (SFT: the teacher's "
+          f"correct answers to them); rollout T=1, max {r.max_response_len} new tokens."),
           (f"* Adam lr {r.lr}, {r.lr_warmup_steps} warm-up optimizer steps, constant after; grad-clip 1.0; "
           f"micro-batch {r.micro_batch_size}; {r.num_updates} optimizer update(s) per rollout batch "
           f"(global batch {r.rollout_batch_size * r.n_samples // r.num_updates})."),
@@ -717,6 +718,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tune", action="store_true", help="run the short tuning grid instead")
     p.add_argument("--resume", action="store_true", help="keep finished runs found in --out")
     p.add_argument("--tuning", default=None, help="tuning.json of a --tune run, shown in the report")
+    p.add_argument("--report-only", action="store_true",
+                   help="only re-render the report of a finished invocation in --out from its files")
     p.add_argument("--methods", nargs="*", default=None, choices=METHODS)
     p.add_argument("--seeds", nargs="*", type=int, default=None)
     for f in ("rl_iters", "eval_interval", "eval_size", "num_updates", "teacher_iters", "student_iters", "nproc",
@@ -752,6 +755,16 @@ def main(argv: list[str] | None = None) -> dict:
         tune(out, pair, r)
         return {}
 
+    if a.report_only:  # re-render the report of a finished invocation from its files (no training, no evals)
+        saved = out / "meta.json" if (out / "meta.json").exists() else out / "summary.json"
+        meta = json.loads(saved.read_text())
+        meta = meta.get("meta", meta)
+        rec = json.loads((out / "recipe.json").read_text()) if (out / "recipe.json").exists() else \
+            json.loads((out / "summary.json").read_text())["recipe"]
+        r = Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in rec.items()})
+        stages = {c["name"]: c["seconds"] for c in meta["commands"] if "seconds" in c}
+        return finish(out, pair, r, meta, stages, quick=a.quick, docs=a.docs)
+
     t0 = time.perf_counter()
     machine = machine_info()
     log = Log(out)
@@ -761,23 +774,29 @@ def main(argv: list[str] | None = None) -> dict:
     t_train = time.perf_counter()
     eval_all(log, out, pair, r)
     t_eval = time.perf_counter()
-    data = collect(out, pair, r, log.stages)
-    data["out"], data["pair"] = str(out), str(pair)
     meta = {"commands": log.commands, "machine": machine, "wall_s": t_eval - t0, "pair_s": t_pair - t0,
             "train_s": t_train - t_pair, "eval_s": t_eval - t_train,
             "tuning": json.loads(Path(a.tuning).read_text()) if a.tuning else None, "tuning_path": a.tuning}
+    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(r), indent=1))
+    return finish(out, pair, r, meta, log.stages, quick=a.quick, docs=a.docs)
+
+
+def finish(out: Path, pair: Path, r: Recipe, meta: dict, stages: dict, *, quick: bool, docs: str) -> dict:
+    """Parse the runs, write `<out>/reproduction.md`, the PNG and `summary.json`; full runs also copy both to docs."""
+    data = collect(out, pair, r, stages)
+    data["out"], data["pair"] = str(out), str(pair)
     md, png = out / "reproduction.md", out / "reproduction_accuracy.png"
-    write_report(data, r, meta, md, png, quick=a.quick)
+    write_report(data, r, meta, md, png, quick=quick)
     summary = {"recipe": dataclasses.asdict(r), "meta": meta,
-               "runs": {f"{m}_seed{s}": {k: v for k, v in x.items()} for (m, s), x in data["runs"].items()},
+               "runs": {f"{m}_seed{s}": dict(x) for (m, s), x in data["runs"].items()},
                "evals": data["evals"], "teacher_greedy": data["teacher_greedy"]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    if not a.quick:
-        docs = Path(a.docs)
-        docs.mkdir(parents=True, exist_ok=True)
-        shutil.copy(png, docs / "reproduction_accuracy.png")
-        shutil.copy(md, docs / "reproduction.md")
-    print(f"[reproduce] done in {(t_eval - t0) / 60:.1f} min: {md}" + ("" if a.quick else f" -> {a.docs}"), flush=True)
+    if not quick:
+        Path(docs).mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, Path(docs) / "reproduction_accuracy.png")
+        shutil.copy(md, Path(docs) / "reproduction.md")
+    print(f"[reproduce] done in {meta['wall_s'] / 60:.1f} min: {md}" + ("" if quick else f" -> {docs}"), flush=True)
     return summary
 
 

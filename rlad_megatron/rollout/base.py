@@ -80,6 +80,17 @@ class Rollout:
     meta: dict = field(default_factory=dict)  # prompt_tokens, completion_tokens, matched
 
 
+def check_score_args(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], temperature: float) -> None:
+    """The arguments of `RolloutEngine.score`, checked the same way by every backend."""
+    if len(sequences) != len(prompt_lens):
+        raise ValueError("score: sequences and prompt_lens differ in length")
+    for s, p in zip(sequences, prompt_lens, strict=True):
+        if not 1 <= p <= len(s):
+            raise ValueError(f"score: prompt_len {p} outside [1, {len(s)}]")
+    if temperature < 0:
+        raise ValueError(f"score: temperature must be >= 0, got {temperature}")
+
+
 @runtime_checkable
 class RolloutEngine(Protocol):
     @property

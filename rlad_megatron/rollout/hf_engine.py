@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PretrainedConfig
 
-from rlad_megatron.rollout.base import GREEDY_EPS, MEMORY_TAGS, Rollout, SamplingParams, WeightUpdateError
+from rlad_megatron.rollout.base import (
+    GREEDY_EPS,
+    MEMORY_TAGS,
+    Rollout,
+    SamplingParams,
+    WeightUpdateError,
+    check_score_args,
+)
 
 log = logging.getLogger(__name__)
 
@@ -250,13 +257,7 @@ class HFEngine:
     ) -> list[list[float]]:
         """One right-padded forward -> per row, log_softmax(logits / T) of sequences[i][prompt_lens[i]:]."""
         self._check_ready()
-        if len(sequences) != len(prompt_lens):
-            raise ValueError("score: sequences and prompt_lens differ in length")
-        for s, p in zip(sequences, prompt_lens, strict=True):
-            if not 1 <= p <= len(s):
-                raise ValueError(f"score: prompt_len {p} outside [1, {len(s)}]")
-        if temperature < 0:
-            raise ValueError(f"score: temperature must be >= 0, got {temperature}")
+        check_score_args(sequences, prompt_lens, temperature)
         if not sequences:
             return []
         temp = 1.0 if temperature < GREEDY_EPS else temperature

@@ -25,7 +25,14 @@ from pathlib import Path
 
 import torch
 
-from rlad_megatron.rollout.base import GREEDY_EPS, MEMORY_TAGS, Rollout, SamplingParams, WeightUpdateError
+from rlad_megatron.rollout.base import (
+    GREEDY_EPS,
+    MEMORY_TAGS,
+    Rollout,
+    SamplingParams,
+    WeightUpdateError,
+    check_score_args,
+)
 from rlad_megatron.rollout.sglang_args import sglang_kwargs_from_args
 from rlad_megatron.rollout.sglang_colocated import LocalTransport, require_sglang
 from rlad_megatron.rollout.sglang_io import _tail_logprobs, rollout_from_output, sampling_dict
@@ -187,13 +194,7 @@ class SGLangEngine:
         costs [tokens, vocab] floats per call: fine for probes and checks, not for bulk teacher scoring.
         """
         self._check_ready()
-        if len(sequences) != len(prompt_lens):
-            raise ValueError("score: sequences and prompt_lens differ in length")
-        for s, p in zip(sequences, prompt_lens, strict=True):
-            if not 1 <= p <= len(s):
-                raise ValueError(f"score: prompt_len {p} outside [1, {len(s)}]")
-        if temperature < 0:
-            raise ValueError(f"score: temperature must be >= 0, got {temperature}")
+        check_score_args(sequences, prompt_lens, temperature)
         if not sequences:
             return []
         temp = 1.0 if temperature < GREEDY_EPS else float(temperature)
