@@ -133,12 +133,24 @@ def apply_cpu_compat() -> None:
     _CudaToCpu().__enter__()  # thread-local: entered in the main thread of each rank
 
     import multiprocessing
+    from multiprocessing.managers import SyncManager
 
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if hasattr(filesystem_async, "_results_queue") and filesystem_async._results_queue is None:
-        filesystem_async._results_queue = multiprocessing.get_context("fork").Manager().Queue()
+        manager = SyncManager(ctx=multiprocessing.get_context("fork"))
+        manager.start(initializer=_exit_with_parent)
+        filesystem_async._results_queue = manager.Queue()
     _CPU_COMPAT_APPLIED = True
+
+
+def _exit_with_parent() -> None:
+    """Linux: the checkpoint writer's Manager process gets SIGTERM when its rank dies (even by kill -9)."""
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _install_cpu_rng_tracker(seed: int) -> None:

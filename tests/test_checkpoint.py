@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import random
 import signal
 import subprocess
@@ -40,15 +42,22 @@ def test_resume_bit_exact_and_reshard(tmp_path: Path, torchrun) -> None:
 
 
 def _start(mode: str, save_dir: Path, log: Path) -> subprocess.Popen:
+    # own process group: SIGKILL then reaches the dist_checkpointing Manager child too (no orphans)
     return subprocess.Popen([sys.executable, str(WORKER), mode, str(save_dir)], env=torchrun_env(),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _wait_for(proc: subprocess.Popen, log: Path, marker: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while marker not in log.read_text():
         if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+            _kill(proc)
             raise AssertionError(f"{marker!r} never printed (rc={proc.poll()}):\n{log.read_text()[-4000:]}")
         time.sleep(0.1)
 
@@ -60,15 +69,14 @@ def test_sigkill_during_save_keeps_latest_loadable(tmp_path: Path) -> None:
     try:
         # killed after every rank wrote step 2 but before the rename
         _wait_for(hook, tmp_path / "hook.log", "sleeping")
-        hook.send_signal(signal.SIGKILL)
+        _kill(hook)
         # killed at a random moment of a save-every-step loop
         _wait_for(loop, tmp_path / "loop.log", "saved 3")
         time.sleep(random.uniform(0.0, 0.8))
-        loop.send_signal(signal.SIGKILL)
+        _kill(loop)
     finally:
         for p in (hook, loop):
-            p.kill()
-            p.wait()
+            _kill(p)
     assert ckpt.read_latest(hook_dir) == 1
     assert (hook_dir / ".tmp_iter_0000002").is_dir() and not (hook_dir / "iter_0000002").exists()
     assert ckpt.read_latest(loop_dir) >= 3
