@@ -55,6 +55,7 @@ DIAGNOSTICS = {
     "reward/mean": "train reward (T=1)",
     "rollout/zero_adv_group_frac": "zero-adv. groups",
     "zero_adv_frac": "zero-adv. tokens",
+    "ratio_mean": "mean ratio r",
     "clip_frac_low": "clip low",
     "clip_frac_high": "clip high",
     "gate_blocked_pos": "gate blocked A>0",
@@ -402,6 +403,30 @@ def plot(data: dict, r: Recipe, path: Path) -> None:
     plt.close(fig)
 
 
+def paired(a: list[float], b: list[float]) -> tuple[list[float], float | None, float | None]:
+    """Per-seed differences a - b, the paired t statistic and its two-sided p (None when undefined; p needs scipy)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if len(d) < 2 or statistics.stdev(d) == 0:
+        return d, None, None
+    t = statistics.fmean(d) / (statistics.stdev(d) / math.sqrt(len(d)))
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        return d, t, None
+    return d, t, float(2 * student_t.sf(abs(t), len(d) - 1))
+
+
+def compare(a: str, b: str, finals: dict) -> tuple[str, bool]:
+    """'<a> - <b> = +x points (per seed ...; paired t, p)' and whether the difference is established (every seed
+    the same sign and p < 0.05)."""
+    d, t, p = paired(finals[a], finals[b])
+    mean = statistics.fmean(d)
+    stats = "" if t is None else f"; paired t = {t:.2f}" + ("" if p is None else f", p = {p:.2f}")
+    established = (p is not None and p < 0.05 and (all(x > 0 for x in d) or all(x < 0 for x in d)))
+    return (f"{a.upper()} − {b.upper()} = {mean * 100:+.1f} points (per seed "
+            + ", ".join(f"{x * 100:+.1f}" for x in d) + stats + ")"), established
+
+
 def verdict(data: dict, r: Recipe) -> list[str]:
     """Data-driven sentences: who wins, by how much relative to the seed spread and the eval noise."""
     runs, seeds = data["runs"], r.seeds
@@ -413,26 +438,35 @@ def verdict(data: dict, r: Recipe) -> list[str]:
     order = sorted(r.methods, key=lambda m: -means[m])
     out = ["Ranking by mean final held-out accuracy: "
            + " > ".join(f"{m.upper()} {means[m] * 100:.1f}%" for m in order)
-           + f" (before training {before * 100:.1f}%; one eval has a binomial standard error of about "
-           f"{se * 100:.1f} points at that accuracy)."]
+           + f" (before training {before * 100:.1f}%; one eval of {r.eval_size} items has a binomial standard error "
+           f"of about {se * 100:.1f} points at that accuracy)."]
     if "rlad" in finals and "grpo" in finals:
+        text, established = compare("rlad", "grpo", finals)
         d = means["rlad"] - means["grpo"]
-        separated = len(seeds) > 1 and (min(finals["rlad"]) > max(finals["grpo"])
-                                        or max(finals["rlad"]) < min(finals["grpo"]))
-        if d > 0 and separated:
-            out.append(f"RLAD beats GRPO here: +{d * 100:.1f} points, every RLAD seed above every GRPO seed.")
+        if d > 0 and established:
+            out.append(f"**RLAD beats GRPO here**: {text}.")
         elif d > 0:
-            out.append(f"RLAD is ahead of GRPO by {d * 100:.1f} points on average, but "
-                       + (f"the seeds overlap, so the difference is not established with {len(seeds)} seeds."
-                          if len(seeds) > 1 else "with one seed that establishes nothing."))
-        elif separated:
-            out.append(f"RLAD does **not** beat GRPO here: {d * 100:.1f} points, every RLAD seed below every GRPO seed.")
+            out.append(f"**RLAD does not clearly beat GRPO here**: {text}; {len(seeds)} seed(s) do not establish a "
+                       "difference of this size.")
         else:
-            out.append(f"RLAD does **not** beat GRPO here: {d * 100:+.1f} points on average"
-                       + (", within the seed spread." if len(seeds) > 1 else " (one seed: no spread to compare with)."))
+            out.append(f"**RLAD does not beat GRPO here**: {text}.")
     for other in ("kdrl", "sft"):
         if other in means and "rlad" in means:
-            out.append(f"RLAD vs {other.upper()}: {(means['rlad'] - means[other]) * 100:+.1f} points.")
+            text, established = compare("rlad", other, finals)
+            out.append(text + (" — established." if established else " — not established."))
+    if len(seeds) > 1:
+        out.append("Runs with the same seed share the training prompts, their order and the rollout sampling seeds "
+                   "(common random numbers), so the per-seed differences are paired.")
+    k = r.final_k
+    rl = [m for m in r.methods if m != "sft"]
+    te, greedy_t = data["evals"]["teacher"], data["teacher_greedy"]
+    if rl:
+        rl_final = statistics.fmean(v for m in rl for v in finals[m])
+        rl_mk = statistics.fmean(runs[(m, s)]["sampled"]["overall"][f"mean@{k}"] for m in rl for s in seeds)
+        rel = "below" if greedy_t < rl_final else "above"
+        out.append(f"The teacher is a weak one here: greedy {greedy_t * 100:.1f}%, {rel} the RL students' final "
+                   f"{rl_final * 100:.1f}% (Mean@{k} {te['overall'][f'mean@{k}'] * 100:.1f}% vs "
+                   f"{rl_mk * 100:.1f}%), having started {(greedy_t - before) * 100:+.1f} points ahead of the student.")
     return out
 
 
@@ -489,7 +523,23 @@ def diagnostics_text(data: dict, r: Recipe) -> list[str]:
     if "kdrl" in rl and avg("kdrl", "kl_teacher") is not None:
         lines.append(f"**KDRL.** The k2 estimate of KL(student||teacher) on sampled tokens averages "
                      f"{avg('kdrl', 'kl_teacher', 'diag_first'):.3f} in the first quarter and "
-                     f"{avg('kdrl', 'kl_teacher', 'diag_last'):.3f} in the last (kl_coef {r.kl_coef}).")
+                     f"{avg('kdrl', 'kl_teacher', 'diag_last'):.3f} in the last; it enters the loss with kl_coef "
+                     f"{r.kl_coef}, next to group-normalised advantages of magnitude about 1.")
+    if "rlad" in rl and "grpo" in rl and avg("rlad", "gate_blocked_pos") is not None:
+        moved = sum(avg("rlad", k) for k in ("gate_blocked_pos", "gate_blocked_neg", "gate_enabled_pos",
+                                               "gate_enabled_neg"))
+        live = max(1.0 - (avg("rlad", "zero_adv_frac") or 0.0), 1e-9)
+        ratio_r, ratio_g = avg("rlad", "ratio_mean"), avg("grpo", "ratio_mean")
+        gap = statistics.fmean(runs[("rlad", s)]["final"] - runs[("grpo", s)]["final"] for s in seeds)
+        small = moved / live < 0.05 and abs(ratio_r - 1.0) < 0.1
+        lines.append(
+            f"**Reading.** TRRD differs from GRPO only through the ratio. Here it switched the policy gradient of "
+            f"{moved / live * 100:.2f}% of the tokens that carry an advantage on or off, rescaled the others by a mean "
+            f"ratio of {ratio_r:.3f} (GRPO's ratio: {ratio_g:.3f}), and {avg('rlad', 'rollout/zero_adv_group_frac') * 100:.0f}% "
+            "of the groups carried no advantage, where the teacher has no say at all. "
+            + ("The update RLAD applied was therefore GRPO's up to a small perturbation, and its final accuracy ended "
+               if small else "That is a substantial change to GRPO's update; RLAD's final accuracy ended ")
+            + f"{gap * 100:+.1f} points from GRPO's.")
     return lines
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rlad_megatron.reproduce import DIAGNOSTICS, METHOD_LABEL, METHODS, QUICK, ROOT
+from rlad_megatron.reproduce import DIAGNOSTICS, METHOD_LABEL, METHODS, QUICK, ROOT, Recipe, pair_commands
 
 K = QUICK["final_k"]
 
@@ -33,6 +34,24 @@ def table_rows(md: str, header_start: str) -> dict[str, list[str]]:
 
 def metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_pair_commands_are_the_tiny_example_commands(tmp_path):
+    """The driver builds the pair flag for flag like examples/rlad_tiny_cpu.sh (guards against drift)."""
+    text = (ROOT / "examples" / "rlad_tiny_cpu.sh").read_text().replace("\\\n", " ")
+    arrays = {name: shlex.split(body) for name, body in re.findall(r"^(\w+)=\(([^)]*)\)", text, re.MULTILINE)}
+    example = []
+    for line in text.splitlines():
+        line = line.strip()
+        m = re.search(r"\$PY (tools/make_tiny_model\.py .*|-m rlad_megatron\.train .*)$", line)
+        if m and "torch.distributed.run" not in line:
+            argv = []
+            for tok in shlex.split(m.group(1)):
+                arr = re.fullmatch(r"\$\{(\w+)\[@\]\}", tok)
+                argv += arrays[arr.group(1)] if arr else [tok.replace("$OUT", str(tmp_path))]
+            example.append(argv)
+    driver = [argv[1:] for _, argv, _ in pair_commands(tmp_path, Recipe(), "python")]
+    assert len(example) == 4 and driver == example
 
 
 @pytest.fixture(scope="module")
