@@ -54,7 +54,7 @@ def load_prompts(source: str, *, split: str, size: int, seed: int, tokenizer, ap
         else:
             from rlad_megatron.data.tasks import make_task_dataset
 
-            samples = make_task_dataset(task, split=split, size=size, seed=seed)
+            samples = make_task_dataset(task, split=split, size=size, seed=seed, chat=apply_chat_template)
     else:
         samples = load_prompt_file(source)
     return encode_samples(samples, tokenizer, apply_chat_template)
