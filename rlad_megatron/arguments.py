@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default="seq-mean-token-mean")
     g.add_argument("--kl-coef", type=float, default=1e-3, help="KDRL: weight of KL(student || teacher)")
     g.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k2")
-    g.add_argument("--ref-kl-coef", type=float, default=0.0, help="beta * KL(student || initial student)")
+    g.add_argument("--ref-kl-coef", type=float, default=0.0,
+                   help="beta * KL(student || initial student), grpo/rlad (a frozen copy of the initial student)")
     g.add_argument("--entropy-coef", type=float, default=0.0)
     g.add_argument("--gkd-divergence", choices=["forward", "reverse", "jsd"], default="reverse")
     g.add_argument("--gkd-rl-coef", type=float, default=0.0, help="GKD: add this times the GRPO surrogate")
@@ -165,6 +166,11 @@ def validate(args: argparse.Namespace) -> None:
     needs_teacher = args.algo in ("rlad", "kdrl", "gkd") or (args.algo == "sft" and args.sft_source == "teacher")
     if needs_teacher and not (args.teacher_hf or args.teacher_load):
         raise ValueError(f"--algo {args.algo} needs a teacher: --teacher-hf or --teacher-load")
+    if args.context_parallel_size > 1:
+        raise ValueError("--context-parallel-size > 1: Megatron's CP groups are set up, but the RL loop does not "
+                         "split sequences across CP ranks yet; use TP/PP/DP")
+    if args.ref_kl_coef and args.algo not in ("grpo", "rlad"):
+        raise ValueError(f"--ref-kl-coef applies to --algo grpo/rlad, not {args.algo}")
     if not 0.0 <= args.alpha <= 1.0:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.prompt_data is None:

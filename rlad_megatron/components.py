@@ -107,6 +107,17 @@ def build_teacher_model(args: Namespace) -> Model:
     return teacher
 
 
+def build_reference_model(args: Namespace, spec) -> Model:
+    """The initial student, frozen, on its own groups with the student's layout: the `pi_ref` of
+    `beta * KL(pi || pi_ref)`. Loaded from --student-hf / --student-load, so a resumed run keeps the same one."""
+    ref = build_teacher(spec, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+                        params_dtype=_dtype(args), make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                        padded_vocab=_padded_vocab(args.student_load, args.tensor_model_parallel_size),
+                        use_te=_use_te(args))
+    _load_weights(ref, args.student_hf, args.student_load)
+    return ref
+
+
 def _load_weights(model: Model, hf_dir: str | None, load_dir: str | None) -> None:
     from rlad_megatron.convert import load_hf_into_megatron, load_megatron_checkpoint
 
@@ -142,6 +153,7 @@ class Components:
     optimizer: object
     scheduler: object
     teacher: Model | None
+    reference: Model | None  # frozen initial student for --ref-kl-coef (beta * KL(student || reference))
     engine: object
     train_prompts: PromptStream
     eval_prompts: list[PromptSample]
@@ -170,6 +182,7 @@ def build_components(args: Namespace) -> Components:
         use_distributed_optimizer=args.use_distributed_optimizer, lr_warmup_steps=args.lr_warmup_steps,
         lr_decay_steps=max(total_updates, 1), lr_decay_style=args.lr_decay_style, ddp_overrides=ddp_overrides(args))
     teacher = build_teacher_model(args) if needs_teacher else None
+    reference = build_reference_model(args, spec) if args.ref_kl_coef > 0 else None
 
     train = load_prompts(args.prompt_data, split="train", size=args.train_size, seed=args.seed, tokenizer=tokenizer,
                          apply_chat_template=args.apply_chat_template)
@@ -183,7 +196,7 @@ def build_components(args: Namespace) -> Components:
     engine = build_engine(args, spec, tokenizer)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     return Components(args=args, tokenizer=tokenizer, student=student, ddp=ddp, optimizer=optimizer,
-                      scheduler=scheduler, teacher=teacher, engine=engine, train_prompts=PromptStream(train, args.seed),
+                      scheduler=scheduler, teacher=teacher, reference=reference, engine=engine, train_prompts=PromptStream(train, args.seed),
                       eval_prompts=evals, reward=reward, offloader=build_offloader(args, ddp, optimizer, teacher))
 
 

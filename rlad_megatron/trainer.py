@@ -89,6 +89,11 @@ def score_with_models(c: Components, batch: RolloutBatch, step: int, timer: Phas
                                                      micro_batch_size=args.micro_batch_size)
         check_finite(batch.teacher_logp, batch.response_mask, "teacher log-probs", step + 1)
         metrics |= teacher_diagnostics(batch)
+    if c.reference is not None:
+        with timer("ref_logp"):
+            batch.ref_logp, _ = compute_logprobs(c.reference, batch.tokens, temperature=args.rollout_temperature,
+                                                 micro_batch_size=args.micro_batch_size)
+        check_finite(batch.ref_logp, batch.response_mask, "reference log-probs", step + 1)
     return metrics
 
 

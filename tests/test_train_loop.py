@@ -81,6 +81,21 @@ def test_resume_after_kill_during_save_matches_straight_run(tiny):
                                            if a[step].get(k) != b[step].get(k)})
 
 
+def test_megatron_checkpoints_as_inputs(tiny, tmp_path):
+    """--student-load / --teacher-load: Megatron checkpoints written by tools/convert_hf_to_megatron.py."""
+    for who in ("student", "teacher"):
+        p = run([sys.executable, "tools/convert_hf_to_megatron.py", "--hf-dir", str(tiny[who]), "--save",
+                 str(tmp_path / who), "--tensor-model-parallel-size", "1"])
+        assert p.returncode == 0, p.stderr[-3000:]
+    cmd = [a for a in train_cmd(tiny, tmp_path / "out", "--algo", "rlad", "--train-iters", "1")
+           if a not in (str(tiny["student"]), str(tiny["teacher"]), "--student-hf", "--teacher-hf")]
+    p = run([*cmd, "--student-load", str(tmp_path / "student"), "--teacher-load", str(tmp_path / "teacher"),
+             "--tokenizer", str(tiny["student"]), "--save-hf", str(tmp_path / "hf_out")])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert metrics(tmp_path / "out")[1]["rollout/logp_gap_abs"] < 1e-4
+    assert (tmp_path / "hf_out" / "config.json").exists() and (tmp_path / "hf_out" / "tokenizer.json").exists()
+
+
 def test_bad_prompt_row_names_file_and_line(tiny, tmp_path):
     data = tmp_path / "prompts.jsonl"
     data.write_text('{"prompt": "Q0001+0002:", "answer": "3", "task": "addition"}\n{"prompt": "Q0003+0004:"}\n')
