@@ -97,25 +97,25 @@ def build_student(args: Namespace, spec) -> Model:
     return student
 
 
+def build_frozen_model(args: Namespace, hf_dir: str | None, load_dir: str | None, *, tp: int, pp: int) -> Model:
+    """A frozen model on its own process groups (teacher, or the reference copy of the initial student)."""
+    model = build_teacher(_model_dir_spec(hf_dir, load_dir), tp=tp, pp=pp, params_dtype=_dtype(args),
+                          make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                          padded_vocab=_padded_vocab(load_dir, tp), use_te=_use_te(args))
+    _load_weights(model, hf_dir, load_dir)
+    return model
+
+
 def build_teacher_model(args: Namespace) -> Model:
-    spec = _model_dir_spec(args.teacher_hf, args.teacher_load)
-    teacher = build_teacher(spec, tp=args.teacher_tensor_model_parallel_size, pp=args.teacher_pipeline_model_parallel_size,
-                            params_dtype=_dtype(args), make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                            padded_vocab=_padded_vocab(args.teacher_load, args.teacher_tensor_model_parallel_size),
-                            use_te=_use_te(args))
-    _load_weights(teacher, args.teacher_hf, args.teacher_load)
-    return teacher
+    return build_frozen_model(args, args.teacher_hf, args.teacher_load, tp=args.teacher_tensor_model_parallel_size,
+                              pp=args.teacher_pipeline_model_parallel_size)
 
 
-def build_reference_model(args: Namespace, spec) -> Model:
-    """The initial student, frozen, on its own groups with the student's layout: the `pi_ref` of
-    `beta * KL(pi || pi_ref)`. Loaded from --student-hf / --student-load, so a resumed run keeps the same one."""
-    ref = build_teacher(spec, tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                        params_dtype=_dtype(args), make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                        padded_vocab=_padded_vocab(args.student_load, args.tensor_model_parallel_size),
-                        use_te=_use_te(args))
-    _load_weights(ref, args.student_hf, args.student_load)
-    return ref
+def build_reference_model(args: Namespace) -> Model:
+    """The initial student, frozen, with the student's layout: the `pi_ref` of `beta * KL(pi || pi_ref)`. Loaded
+    from --student-hf / --student-load, so a resumed run keeps the same one."""
+    return build_frozen_model(args, args.student_hf, args.student_load, tp=args.tensor_model_parallel_size,
+                              pp=args.pipeline_model_parallel_size)
 
 
 def _load_weights(model: Model, hf_dir: str | None, load_dir: str | None) -> None:
@@ -182,7 +182,7 @@ def build_components(args: Namespace) -> Components:
         use_distributed_optimizer=args.use_distributed_optimizer, lr_warmup_steps=args.lr_warmup_steps,
         lr_decay_steps=max(total_updates, 1), lr_decay_style=args.lr_decay_style, ddp_overrides=ddp_overrides(args))
     teacher = build_teacher_model(args) if needs_teacher else None
-    reference = build_reference_model(args, spec) if args.ref_kl_coef > 0 else None
+    reference = build_reference_model(args) if args.ref_kl_coef > 0 else None
 
     train = load_prompts(args.prompt_data, split="train", size=args.train_size, seed=args.seed, tokenizer=tokenizer,
                          apply_chat_template=args.apply_chat_template)

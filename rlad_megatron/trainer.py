@@ -74,26 +74,25 @@ def train(args: Namespace) -> dict:
 
 
 def score_with_models(c: Components, batch: RolloutBatch, step: int, timer: PhaseTimer) -> dict:
-    """Old-policy log-probs (student forward) and teacher log-probs of the student's tokens (teacher forward,
-    no backward), at the rollout temperature; every rank gets the full `[N, L-1]` tensors."""
+    """Old-policy log-probs (student forward), teacher log-probs of the student's tokens (teacher forward, no
+    backward) and reference log-probs, at the rollout temperature; every rank gets the full `[N, L-1]` tensors."""
     args, metrics = c.args, {}
+
+    def score(model, phase: str, what: str):
+        with timer(phase):
+            logp, _ = compute_logprobs(model, batch.tokens, temperature=args.rollout_temperature,
+                                       micro_batch_size=args.micro_batch_size)
+        check_finite(logp, batch.response_mask, f"{what} log-probs", step + 1)
+        return logp
+
     if args.algo in IS_RL:
-        with timer("old_logp"):
-            batch.old_logp, _ = compute_logprobs(c.student, batch.tokens, temperature=args.rollout_temperature,
-                                                 micro_batch_size=args.micro_batch_size)
-        check_finite(batch.old_logp, batch.response_mask, "student log-probs", step + 1)
+        batch.old_logp = score(c.student, "old_logp", "student")
         metrics |= batch_diagnostics(batch)
     if args.algo in NEEDS_TEACHER_LOGP:
-        with timer("teacher"):
-            batch.teacher_logp, _ = compute_logprobs(c.teacher, batch.tokens, temperature=args.rollout_temperature,
-                                                     micro_batch_size=args.micro_batch_size)
-        check_finite(batch.teacher_logp, batch.response_mask, "teacher log-probs", step + 1)
+        batch.teacher_logp = score(c.teacher, "teacher", "teacher")
         metrics |= teacher_diagnostics(batch)
     if c.reference is not None:
-        with timer("ref_logp"):
-            batch.ref_logp, _ = compute_logprobs(c.reference, batch.tokens, temperature=args.rollout_temperature,
-                                                 micro_batch_size=args.micro_batch_size)
-        check_finite(batch.ref_logp, batch.response_mask, "reference log-probs", step + 1)
+        batch.ref_logp = score(c.reference, "ref_logp", "reference")
     return metrics
 
 
