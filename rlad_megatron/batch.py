@@ -32,10 +32,6 @@ class RolloutBatch:
         return replace(self, **{f.name: getattr(self, f.name)[rows] for f in fields(self)
                                 if getattr(self, f.name) is not None})
 
-    @property
-    def response_lengths(self) -> torch.Tensor:
-        return self.response_mask.sum(-1)
-
 
 def build_batch(rollouts: list[Rollout], rewards: torch.Tensor, advantages: torch.Tensor, pad_id: int) -> RolloutBatch:
     """Pack rollouts into right-padded `[N, L]` tokens and `[N, L-1]` response-aligned tensors."""

@@ -16,7 +16,7 @@ from dataclasses import replace
 from math import comb
 
 from rlad_megatron.rewards import score_batch
-from rlad_megatron.rollout.base import SamplingParams
+from rlad_megatron.rollout.base import Rollout, SamplingParams
 
 # generator knobs that name a difficulty subset, first found wins (K&K: people; zebra: people; sums: terms)
 SUBSET_KEYS = ("n_people", "num_people", "max_terms")
@@ -110,10 +110,10 @@ def summarize(correct: list[list[float]], subsets: list[str], k: int | Sequence[
     return out
 
 
-def generate_and_score(engine, samples, *, reward: str, n: int, sampling: SamplingParams, tokenizer,
-                       reward_workers: int = 0, batch_size: int | None = None,
-                       format_reward: float = 0.0) -> tuple[list[list[float]], list[list[str]]]:
-    """n samples per prompt -> (scores[prompt][sample], texts[prompt][sample]), scored with the training reward.
+def rollout_and_score(engine, samples, *, reward: str, n: int, sampling: SamplingParams, tokenizer,
+                      reward_workers: int = 0, batch_size: int | None = None,
+                      format_reward: float = 0.0) -> tuple[list[Rollout], list[str], list[float]]:
+    """n samples per prompt, flat (`prompt x n` order): (rollouts, decoded texts, rewards) with the training reward.
 
     Generation runs `batch_size` sequences at a time (None: all at once). Sequence j of the flattened
     `prompt x n` list samples with seed `sampling.seed + j`, so the result does not depend on `batch_size`.
@@ -127,6 +127,16 @@ def generate_and_score(engine, samples, *, reward: str, n: int, sampling: Sampli
     texts = [r.text or tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in rollouts]
     scores = score_batch(reward, texts, [s for s in samples for _ in range(n)], num_workers=reward_workers,
                          format_reward=format_reward)
+    return rollouts, texts, scores
+
+
+def generate_and_score(engine, samples, *, reward: str, n: int, sampling: SamplingParams, tokenizer,
+                       reward_workers: int = 0, batch_size: int | None = None,
+                       format_reward: float = 0.0) -> tuple[list[list[float]], list[list[str]]]:
+    """`rollout_and_score` grouped per prompt: (scores[prompt][sample], texts[prompt][sample])."""
+    _, texts, scores = rollout_and_score(engine, samples, reward=reward, n=n, sampling=sampling, tokenizer=tokenizer,
+                                         reward_workers=reward_workers, batch_size=batch_size,
+                                         format_reward=format_reward)
     return ([scores[i * n:(i + 1) * n] for i in range(len(samples))],
             [texts[i * n:(i + 1) * n] for i in range(len(samples))])
 

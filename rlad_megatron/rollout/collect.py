@@ -12,7 +12,7 @@ from rlad_megatron import platform
 from rlad_megatron.advantages import grpo_advantages
 from rlad_megatron.batch import RolloutBatch, build_batch
 from rlad_megatron.components import Components, pad_id
-from rlad_megatron.rewards import score_batch
+from rlad_megatron.evaluation import rollout_and_score
 from rlad_megatron.rollout.base import Rollout, SamplingParams
 from rlad_megatron.rollout.phase import rollout_phase
 from rlad_megatron.update import NonFiniteError
@@ -28,11 +28,9 @@ def generate_and_score(c: Components, samples, n: int, sampling: SamplingParams)
     """Rank 0 generates `n` responses per prompt and scores them; every rank gets the same result."""
     payload = [None]
     if platform.is_rank0():
-        prompts = [s.prompt_ids for s in samples for _ in range(n)]
-        rollouts = c.engine.generate(prompts, sampling)
-        texts = [r.text or c.tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in rollouts]
-        rewards = score_batch(c.reward, texts, [s for s in samples for _ in range(n)],
-                              num_workers=c.args.reward_workers, format_reward=c.args.format_reward)
+        rollouts, _, rewards = rollout_and_score(c.engine, samples, reward=c.reward, n=n, sampling=sampling,
+                                                 tokenizer=c.tokenizer, reward_workers=c.args.reward_workers,
+                                                 format_reward=c.args.format_reward)
         payload = [(rollouts, rewards)]
     dist.broadcast_object_list(payload, src=0)
     return payload[0]
