@@ -28,11 +28,15 @@ class PromptStream:
         if not samples:
             raise ValueError("the prompt set is empty")
         self.samples, self.seed, self.position = samples, seed, position
+        self._epoch, self._cached_order = -1, []
 
     def _order(self, epoch: int) -> list[int]:
-        order = list(range(len(self.samples)))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order
+        """The epoch's permutation (a pure function of seed and epoch; computed once per epoch)."""
+        if epoch != self._epoch:
+            self._cached_order = list(range(len(self.samples)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(self._cached_order)
+            self._epoch = epoch
+        return self._cached_order
 
     def next_batch(self, n: int) -> list[PromptSample]:
         out = []
