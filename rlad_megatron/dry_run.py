@@ -11,7 +11,7 @@ import os
 from argparse import Namespace
 from pathlib import Path
 
-from rlad_megatron.arguments import transformer_config_overrides
+from rlad_megatron.step.build import transformer_config_overrides
 
 
 def _world_size() -> int:
