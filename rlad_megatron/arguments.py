@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--teacher-tensor-model-parallel-size", type=int, default=None, help="default: student's")
     g.add_argument("--teacher-pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--distributed-timeout-minutes", type=float, default=30.0,
+                   help="no rank waits longer than this for the others (process groups, rollout barrier)")
 
     g = p.add_argument_group("training")
     g.add_argument("--algo", choices=sorted(ALGOS), default="rlad")
@@ -111,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-engine", default="hf",
                    help="hf | sglang | sglang-remote | module.path:factory (factory(args, spec, tokenizer) -> engine)")
     g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step")
+    g.add_argument("--rollout-num-gpus-per-engine", type=int, default=1,
+                   help="GPUs (ranks) per colocated rollout engine = its TP size; engines = world / this")
+    g.add_argument("--rollout-chunk-groups", type=int, default=1,
+                   help="prompt groups (x n samples) per engine request; engines take requests as they free up")
+    g.add_argument("--save-rollouts", default=None, help="write every step's rollouts as JSONL here (rank 0)")
     g.add_argument("--n-samples-per-prompt", type=int, default=8)
     g.add_argument("--rollout-temperature", type=float, default=1.0)
     g.add_argument("--rollout-top-p", type=float, default=1.0)
@@ -190,6 +197,10 @@ def validate(args: argparse.Namespace) -> None:
                          f"--num-updates-per-rollout {args.num_updates_per_rollout}")
     if args.teacher_tensor_model_parallel_size is None:
         args.teacher_tensor_model_parallel_size = args.tensor_model_parallel_size
+    if args.rollout_chunk_groups < 1 or args.rollout_num_gpus_per_engine < 1:
+        raise ValueError("--rollout-chunk-groups and --rollout-num-gpus-per-engine must be >= 1")
+    if args.distributed_timeout_minutes <= 0:
+        raise ValueError(f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}")
     if args.save_interval and not args.save:
         raise ValueError("--save-interval needs --save")
 

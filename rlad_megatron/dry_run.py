@@ -70,6 +70,11 @@ def dry_run(args: Namespace) -> None:
         src = getattr(args, flag)
         if src and not src.startswith("builtin:") and not Path(src).exists():
             notes.append(f"--{flag.replace('_', '-')}: {src} not found here (checked at start-up)")
+    from rlad_megatron.rollout.layout import EngineLayout
+
+    engines = EngineLayout(world, args.rollout_num_gpus_per_engine)
+    notes.append(f"rollout: {engines.describe()}" if args.rollout_engine != "sglang-remote" else
+                 "rollout: remote SGLang servers, driven from rank 0")
     print(f"dry run OK: algo={args.algo} world={world} student TP={args.tensor_model_parallel_size} "
           f"PP={args.pipeline_model_parallel_size} CP={args.context_parallel_size} DP={dp}; teacher "
           f"TP={args.teacher_tensor_model_parallel_size} PP={args.teacher_pipeline_model_parallel_size}; "

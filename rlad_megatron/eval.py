@@ -263,10 +263,10 @@ def run(args: argparse.Namespace) -> dict:
             if not reward:
                 raise ValueError(f"{src}: rows carry no 'task' name; pass --reward")
             tb = time.perf_counter()
-            _, texts, scores = generate_and_score(
+            rollouts, scores = generate_and_score(
                 engine, samples, n=args.k, sampling=sampling, tokenizer=tokenizer, batch_size=args.batch_size,
                 reward=RewardSpec(reward, workers=args.reward_workers, format_reward=args.format_reward))
-            scores, texts = per_prompt(scores, args.k), per_prompt(texts, args.k)
+            scores, texts = per_prompt(scores, args.k), per_prompt([r.text for r in rollouts], args.k)
             subsets = [subset_of(s, args.subset_key) for s in samples]
             result["benchmarks"][name] = {"source": src, "reward": reward,
                                           "metrics": summarize(scores, subsets, pass_ks),

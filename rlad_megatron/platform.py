@@ -202,10 +202,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_s: int = 600) -> None:
-    """`torch.distributed` from the torchrun environment (a 1-rank group when run without torchrun)."""
+DEFAULT_TIMEOUT_MINUTES = 30.0  # Megatron's --distributed-timeout-minutes default
+_timeout_minutes = DEFAULT_TIMEOUT_MINUTES
+
+
+def timeout_minutes() -> float:
+    """The collective timeout of this job (`--distributed-timeout-minutes`): no rank waits longer for another."""
+    return _timeout_minutes
+
+
+def init_distributed(timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
+    """`torch.distributed` from the torchrun environment (a 1-rank group when run without torchrun); every process
+    group of the job inherits `timeout_minutes`."""
+    global _timeout_minutes
     if dist.is_initialized():
         return
+    _timeout_minutes = timeout_minutes
     # without torchrun: a 1-rank group on a free port (not written to os.environ, which child processes inherit)
     standalone = {} if "RANK" in os.environ else {
         "init_method": f"tcp://127.0.0.1:{_free_port()}", "rank": 0, "world_size": 1}
@@ -214,12 +226,12 @@ def init_distributed(timeout_s: int = 600) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **standalone)
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes), **standalone)
 
 
-def init(layout: Layout = Layout(), seed: int = 1234) -> None:
+def init(layout: Layout = Layout(), seed: int = 1234, timeout_minutes: float = DEFAULT_TIMEOUT_MINUTES) -> None:
     """Everything a rank needs before building models: distributed, CPU layer, parallel state, seeds."""
-    init_distributed()
+    init_distributed(timeout_minutes)
     if not has_cuda():
         apply_cpu_compat()
         if layout.cp != 1:
@@ -239,6 +251,7 @@ def initialize_parallel(layout: Layout) -> None:
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     ps.initialize_model_parallel(
+        distributed_timeout_minutes=max(1, round(_timeout_minutes)),
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
@@ -308,6 +321,32 @@ def student_process_groups():
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     return ProcessGroupCollection.use_mpu_process_groups()
+
+
+class CollectiveTimeoutError(RuntimeError):
+    """A rank waited for the others longer than --distributed-timeout-minutes."""
+
+
+def wait_for_all(key: str, *, since: float, what: str) -> None:
+    """A barrier through the job's TCP store that gives up with a clear message instead of a watchdog trace: each
+    rank checks in under `key`, then polls until all have, until `since + --distributed-timeout-minutes`
+    (`since` is a `time.monotonic()` stamp of when `what` started). Ranks wait here, not inside a collective, while
+    others still generate."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    import time
+
+    store = dist.distributed_c10d._get_default_store()
+    deadline, world = since + 60.0 * _timeout_minutes, dist.get_world_size()
+    arrived = store.add(key, 1)
+    while arrived < world or time.monotonic() > deadline:
+        if time.monotonic() > deadline:
+            raise CollectiveTimeoutError(
+                f"{what} did not finish on every rank within --distributed-timeout-minutes={_timeout_minutes:g} "
+                f"({arrived} of {world} ranks done); raise the flag for longer rollouts or lower "
+                "--max-response-len / --rollout-batch-size")
+        time.sleep(0.02)
+        arrived = store.add(key, 0)
 
 
 def barrier() -> None:

@@ -18,7 +18,8 @@ def main(argv: list[str] | None = None) -> None:
     from rlad_megatron.trainer import train
 
     platform.init(platform.Layout(tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
-                                  cp=args.context_parallel_size), seed=args.seed)
+                                  cp=args.context_parallel_size), seed=args.seed,
+                  timeout_minutes=args.distributed_timeout_minutes)
     try:
         final = train(args)
         if platform.is_rank0() and final:

@@ -171,3 +171,27 @@ def test_prompt_stream_order_and_resume_position():
     assert PromptStream(samples, seed=4).next_batch(20) != one_go
     with pytest.raises(ValueError, match="empty"):
         PromptStream([], seed=0)
+
+
+def test_a_released_engine_is_always_pushed_again(monkeypatch):
+    """The weight-release contract of `step.sync`: after `release_engines` the engine holds no weights (SGLang drops
+    them without a CPU backup), so the next sync pushes even when the student has not changed."""
+    from rlad_megatron.step import sync
+    from rlad_megatron.step.configs import SyncConfig
+    from rlad_megatron.step.run import RunState
+
+    pushes, releases = [], []
+    engine = SimpleNamespace(mode="colocated", resume_memory=lambda tags: None,
+                             release_memory=lambda tags: releases.append(tuple(tags)))
+    run = SimpleNamespace(engine_holds=None, offloader=None, engine=engine, sync=SyncConfig(), state=RunState(step=3))
+    monkeypatch.setattr(sync, "push", lambda run, model, label: pushes.append(label) or {})
+    sync.sync_weights(run)
+    sync.sync_weights(run)  # holds step3 already: no push
+    assert pushes == ["step3"] and run.engine_holds == "step3"
+    sync.release_engines(run)
+    assert releases == [("weights", "kv_cache", "cuda_graph")] and run.engine_holds is None
+    sync.sync_weights(run)  # same student, but the weights were released
+    assert pushes == ["step3", "step3"]
+    run.engine.mode = "remote"  # remote engines keep their weights
+    sync.release_engines(run)
+    assert run.engine_holds == "step3" and len(releases) == 1

@@ -7,6 +7,7 @@ import importlib
 from argparse import Namespace
 
 import torch
+import torch.distributed as dist
 
 from rlad_megatron import platform
 from rlad_megatron.fp8 import ddp_overrides, validate_fp8
@@ -14,6 +15,7 @@ from rlad_megatron.models import spec_from_hf_config
 from rlad_megatron.models.builder import Model, build_model
 from rlad_megatron.models.families import ModelSpec
 from rlad_megatron.models.teacher import build_teacher
+from rlad_megatron.rollout.layout import EngineLayout
 from rlad_megatron.step.update import Policy
 
 TC_PREFIX = "tc__"  # argparse dest prefix of the TransformerConfig pass-through flags (arguments.py)
@@ -98,11 +100,15 @@ def build_reference_model(args: Namespace) -> Model:
                               pp=args.pipeline_model_parallel_size)
 
 
-def build_engine(args: Namespace, spec: ModelSpec, model_dir: str | None = None, *, tokenizer):
-    """The rollout engine, on rank 0 only (its rollouts are broadcast). It starts with dummy weights and receives
-    the real ones through the weight-sync path, as SGLang does. `--rollout-engine module.path:factory` builds a
-    custom engine with `factory(args, spec, tokenizer)`."""
-    if not platform.is_rank0():
+def build_engine(args: Namespace, spec: ModelSpec, layout: EngineLayout, model_dir: str | None = None, *, tokenizer):
+    """This rank's rollout engine: one per `--rollout-num-gpus-per-engine` ranks, on the group's first rank (None on
+    the others); remote SGLang servers are driven from rank 0. It starts with dummy weights and receives the real
+    ones through the weight-sync path, as SGLang does. `--rollout-engine module.path:factory` builds a custom engine
+    with `factory(args, spec, tokenizer)`."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if args.rollout_engine == "sglang-remote" and rank != 0:
+        return None
+    if not layout.is_leader(rank):
         return None
     if args.rollout_engine == "hf":
         from transformers import AutoConfig

@@ -62,6 +62,9 @@ class RolloutConfig:
     max_sampling_rounds: int = 4
     eval_samples: int = 1
     sft_source: str = "teacher"
+    chunk_groups: int = 1  # prompt groups per engine request (--rollout-chunk-groups)
+    gpus_per_engine: int = 1  # --rollout-num-gpus-per-engine
+    save_dir: str | None = None  # --save-rollouts: every step's rollouts as JSONL (rank 0)
 
     @classmethod
     def from_args(cls, args: Namespace) -> RolloutConfig:
@@ -70,7 +73,9 @@ class RolloutConfig:
         return cls(prompts_per_step=args.rollout_batch_size, n_samples=args.n_samples_per_prompt,
                    sampling=sampling_from_args(args, temperature=args.rollout_temperature), seed=args.seed,
                    dynamic_sampling=args.dynamic_sampling, max_sampling_rounds=args.max_sampling_rounds,
-                   eval_sampling=eval_sampling, eval_samples=args.eval_samples, sft_source=args.sft_source)
+                   eval_sampling=eval_sampling, eval_samples=args.eval_samples, sft_source=args.sft_source,
+                   chunk_groups=args.rollout_chunk_groups, gpus_per_engine=args.rollout_num_gpus_per_engine,
+                   save_dir=args.save_rollouts)
 
     @property
     def sequences_per_step(self) -> int:

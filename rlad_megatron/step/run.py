@@ -7,16 +7,20 @@ import json
 import shutil
 from argparse import Namespace
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import torch.distributed as dist
 
 from rlad_megatron import platform
 from rlad_megatron.data import PromptSample, PromptStream, load_prompts
 from rlad_megatron.models.builder import Model
 from rlad_megatron.models.families import ModelSpec
+from rlad_megatron.offload import ALL_ENGINE_TAGS
 from rlad_megatron.rollout.base import Rollout, RolloutEngine
-from rlad_megatron.rollout.generate import RewardSpec
+from rlad_megatron.rollout.dispatch import Scorer
+from rlad_megatron.rollout.generate import RewardSpec, make_scorer
+from rlad_megatron.rollout.layout import EngineLayout
 from rlad_megatron.step.algos import ALGOS, Algo, LossConfig
 from rlad_megatron.step.build import (
     build_engine,
@@ -51,10 +55,13 @@ class Run:
     policy: Policy
     teacher: Model | None
     reference: Model | None  # frozen initial student for --ref-kl-coef (beta * KL(student || reference))
-    engine: RolloutEngine | None  # rank 0
+    engine: RolloutEngine | None  # this rank's engine: on every engine leader rank (`layout`), None elsewhere
     train_prompts: PromptStream
     eval_prompts: list[PromptSample]
     reward: RewardSpec
+    scorer: Scorer  # training reward, per-sample futures
+    eval_scorer: Scorer  # the same reward without the format bonus (Mean@k averages the scores)
+    layout: EngineLayout
     offloader: object = None  # colocated SGLang on GPU: moves student/optimizer/teacher out while it generates
     state: RunState = field(default_factory=RunState)
     engine_holds: str | None = None  # label of the weights the engine holds now; None: none (dummy or released)
@@ -91,18 +98,25 @@ def build_run(args: Namespace) -> Run:
         raise ValueError(f"{args.prompt_data}: rows carry no 'task' name; pass --reward")
 
     spec = model_spec(args.student_hf, args.student_load)
+    layout = EngineLayout(dist.get_world_size() if dist.is_initialized() else 1, args.rollout_num_gpus_per_engine)
+    # colocated engines first: SGLang sizes its KV pool from the memory free at start-up; then they step aside
+    engine = build_engine(args, spec, layout, tokenizer=tokenizer)
+    if engine is not None and getattr(engine, "mode", "colocated") != "remote":
+        engine.release_memory(ALL_ENGINE_TAGS)
     policy = build_policy(args, spec)
     teacher = build_teacher_model(args) if needs_teacher else None
     reference = build_reference_model(args) if args.ref_kl_coef > 0 else None
-    engine = build_engine(args, spec, tokenizer=tokenizer)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    reward_spec = RewardSpec(reward, workers=args.reward_workers, format_reward=args.format_reward)
     return Run(loop=LoopConfig.from_args(args), algo=algo, loss=LossConfig.from_args(args),
                update=UpdateConfig.from_args(args), rollout=RolloutConfig.from_args(args),
                sync=SyncConfig.from_args(args), tokenizer=tokenizer, policy=policy, teacher=teacher,
                reference=reference, engine=engine, train_prompts=PromptStream(train, args.seed), eval_prompts=evals,
-               reward=RewardSpec(reward, workers=args.reward_workers, format_reward=args.format_reward),
+               reward=reward_spec, scorer=make_scorer(reward_spec),
+               eval_scorer=make_scorer(replace(reward_spec, format_reward=0.0)), layout=layout,
                offloader=build_offloader(args, policy, teacher),
-               engine_factory=partial(build_engine, args, tokenizer=tokenizer), teacher_dir=args.teacher_hf)
+               engine_factory=lambda s, d: build_engine(args, s, layout, d, tokenizer=tokenizer),
+               teacher_dir=args.teacher_hf)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints

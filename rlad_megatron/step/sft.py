@@ -7,7 +7,8 @@ import torch
 
 from rlad_megatron.batch import RolloutBatch, build_batch
 from rlad_megatron.rollout.base import Rollout
-from rlad_megatron.step.rollouts import generate_scored, round_sampling
+from rlad_megatron.step.generate import generate_everywhere
+from rlad_megatron.step.rollouts import round_sampling
 from rlad_megatron.step.run import Run
 from rlad_megatron.step.sync import release_engines, sync_weights
 
@@ -37,7 +38,8 @@ def teacher_traces(run: Run) -> list[Rollout]:
         run.engine = run.engine_factory(run.teacher.spec, run.teacher_dir)
     try:
         sync_weights(run, model=run.teacher, label="teacher")
-        rollouts, rewards = generate_scored(run, samples, cfg.n_samples, round_sampling(run, -1, 0))
+        rollouts, rewards, _ = generate_everywhere(run, samples, cfg.n_samples, round_sampling(run, -1, 0), run.scorer,
+                                                   "teacher traces for --algo sft")
         release_engines(run)
     finally:
         if run.engine is not student_engine:

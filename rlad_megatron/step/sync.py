@@ -16,6 +16,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from rlad_megatron import platform
 from rlad_megatron.models.builder import Model
 from rlad_megatron.models.forward import compute_logprobs
 from rlad_megatron.offload import ALL_ENGINE_TAGS, to_rollout, to_training
@@ -62,7 +63,8 @@ def release_engines(run: Run) -> None:
 
 
 def push(run: Run, model: Model | None, label: str) -> dict:
-    """Export (collective: every rank iterates the stream) and push to the engine (rank 0)."""
+    """Export (collective: every rank gets the full HF-named tensors) and push into this rank's engine, if it leads
+    one: every engine gets its weights from its own rank's copy."""
     from rlad_megatron.convert import export_hf_weights
     from rlad_megatron.rollout.weight_sync import push_weights
 
@@ -77,15 +79,16 @@ def push(run: Run, model: Model | None, label: str) -> dict:
 
 
 def check_sync(run: Run) -> float:
-    """Engine log-probs of a fixed probe sequence vs the Megatron student's (after a sync)."""
+    """Every engine's log-probs of a fixed probe sequence vs the Megatron student's (after a sync): the max gap."""
     probe = run.eval_prompts[0] if run.eval_prompts else run.train_prompts.samples[0]
     ids = list(probe.prompt_ids) + [run.pad_id] * 4
     ref, _ = compute_logprobs(run.policy.model, torch.tensor([ids]), temperature=1.0)
-    diff = [0.0]
+    diff = torch.zeros((), dtype=torch.float64)
     if run.engine is not None:
         eng = run.engine.score([ids], [len(probe.prompt_ids)], temperature=1.0)[0]
-        mine = ref[0, len(probe.prompt_ids) - 1:]
-        diff = [float((torch.tensor(eng) - mine).abs().max())]
-    dist.broadcast_object_list(diff, src=0)
-    return diff[0]
+        diff = (torch.tensor(eng, dtype=torch.float64) - ref[0, len(probe.prompt_ids) - 1:]).abs().max()
+    if dist.is_initialized():
+        diff = diff.to(platform.device())
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return float(diff)
 
