@@ -43,17 +43,19 @@ class SimulatedEngine:
         return None
 
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Rollout]:
+        """One request: its rows one after the other, `seconds_per_token` per generated token (one sleep)."""
         out = []
         for i, p in enumerate(prompts):
             seed = (sampling.seed or 0) + i
             n = response_length(seed, self.median_tokens, self.sigma, sampling.max_new_tokens)
             rng = random.Random(seed * 7919 + 1)
             ids = [rng.randrange(self.vocab_size) for _ in range(n)]
-            time.sleep(n * self.seconds_per_token)
-            self.generated_tokens += n
             out.append(Rollout(prompt_ids=list(p), output_ids=ids, output_logprobs=[-1.0] * n,
                                finish_reason="length" if n == sampling.max_new_tokens else "stop",
                                weight_version=self._version, text=" ".join(map(str, ids))))
+        tokens = sum(len(r.output_ids) for r in out)
+        time.sleep(tokens * self.seconds_per_token)
+        self.generated_tokens += tokens
         return out
 
     def score(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int],
