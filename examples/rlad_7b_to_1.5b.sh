@@ -49,12 +49,14 @@ TRAIN_ARGS=(
   --micro-batch-size 2 --global-batch-size 256 --num-updates-per-rollout 1 --use-distributed-optimizer
   --seed 42
 )
-# Rollouts: colocated SGLang, 32 prompts x 8 samples = 256 sequences, 8K responses, T = 1.
+# Rollouts: colocated SGLang, one engine per GPU (ROLLOUT_GPUS_PER_ENGINE=1: 32 engines on 4 x 8 GPUs; 4: 8 engines of
+# TP 4), prompt groups handed to whichever engine is free; 32 prompts x 8 samples = 256 sequences, 8K responses, T = 1.
 ROLLOUT_ARGS=(
-  --rollout-engine sglang --rollout-batch-size 32 --n-samples-per-prompt 8
+  --rollout-engine sglang --rollout-num-gpus-per-engine "${ROLLOUT_GPUS_PER_ENGINE:-1}" --rollout-chunk-groups 1
+  --distributed-timeout-minutes 60 --rollout-batch-size 32 --n-samples-per-prompt 8
   --rollout-temperature 1.0 --rollout-top-p 1.0 --max-response-len 8192
   --update-weight-buffer-size $((512 * 1024 * 1024)) --dynamic-sampling
-  --sglang-mem-fraction-static 0.6 --sglang-tp-size 1
+  --sglang-mem-fraction-static 0.6
 )
 # FP8 training through Transformer Engine (Hopper); BF16 weights are pushed to SGLang.
 FP8_ARGS=(--fp8-format e4m3 --fp8-recipe blockwise)

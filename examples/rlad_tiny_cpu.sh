@@ -4,7 +4,7 @@
 #   2. teacher: SFT on column-addition reasoning traces for longer (-> ~90% held-out)
 #   3. student: smaller, SFT briefly (-> a weak start)
 #   4. RLAD (TRRD, alpha 0.5) on the student with the teacher colocated at TP=2 (student TP=1, DP=2),
-#      rollouts from the in-process HF engine fed by the Megatron -> HF weight sync
+#      rollouts from an in-process HF engine on each rank fed by the Megatron -> HF weight sync
 #   5. held-out accuracy before and after, measured by this run
 # Env: OUT (outputs/tiny), RL_ITERS (150), ALGO (rlad).
 set -euo pipefail
@@ -39,7 +39,8 @@ echo "== $ALGO on the student; teacher at TP=2 beside the student at TP=1 (2 ran
 $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m rlad_megatron.train "${COMMON[@]}" \
   --algo "$ALGO" --student-hf "$OUT/student" --teacher-hf "$OUT/teacher" \
   --tensor-model-parallel-size 1 --teacher-tensor-model-parallel-size 2 \
-  --rollout-batch-size 8 --n-samples-per-prompt 8 --micro-batch-size 32 --num-updates-per-rollout 2 \
+  --rollout-batch-size 8 --n-samples-per-prompt 8 --rollout-chunk-groups 2 \
+  --micro-batch-size 32 --num-updates-per-rollout 2 \
   --lr 1e-4 --lr-warmup-steps 10 --train-iters "$RL_ITERS" --eval-interval 50 --check-weight-sync \
   --output-dir "$OUT/$ALGO" --save "$OUT/$ALGO/ckpt" --save-interval "$RL_ITERS" --save-hf "$OUT/${ALGO}_student"
 

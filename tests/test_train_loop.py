@@ -146,11 +146,13 @@ def test_non_finite_weights_stop_the_run_naming_the_step(tiny, tmp_path):
 def test_multinode_example_validates_on_cpu():
     script = ROOT / "examples/rlad_7b_to_1.5b.sh"
     assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
-    for task in ("kk", "math"):
+    for task, gpus_per_engine, engines in (("kk", "1", 32), ("math", "4", 8)):
         p = run(["bash", str(script)], {"DRY_RUN": "1", "NNODES": "4", "GPUS_PER_NODE": "8", "TASK": task,
+                                        "ROLLOUT_GPUS_PER_ENGINE": gpus_per_engine,
                                         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"})
         assert p.returncode == 0, p.stdout + p.stderr[-3000:]
         assert "dry run OK: algo=rlad world=32" in p.stdout, p.stdout
+        assert f"rollout: {engines} rollout engine(s) x {gpus_per_engine} GPU(s) each" in p.stdout, p.stdout
 
 
 def test_dry_run_rejects_a_bad_layout():
