@@ -61,6 +61,33 @@ def packed_micro_batch(model: Model, seqs: Sequence[torch.Tensor], *, thd: bool 
     return mb
 
 
+def packed_micro_batches(model: Model, seqs: Sequence[torch.Tensor], *, max_tokens_per_gpu: int,
+                         per_token: dict[str, torch.Tensor] | None = None,
+                         per_seq: dict[str, torch.Tensor] | None = None, thd: bool | None = None,
+                         fp8: bool = False) -> list[dict]:
+    """This DP rank's micro-batches of `seqs` (1-D token tensors, the same list on every rank) under
+    `packing.plan_micro_batches(lengths, model's DP size, max_tokens_per_gpu)`.
+
+    Each is a `packed_micro_batch` plus `ids` (the indices into `seqs` it holds, in pack order) and, as `[1, T]`
+    per-token tensors (0 off the predicting positions): `per_token[k]` (`[N, W]` prediction-aligned rows, e.g. the
+    `[N, L-1]` tensors of `RolloutBatch`; row i uses its first `L_i - 1` entries) and `per_seq[k]` (`[N]`, each
+    value repeated over its sequence's predictions, e.g. advantages). The count may differ between DP ranks:
+    normalise the loss with `packing.loss_scale(len(result), dp, global_denominator)`.
+    """
+    lengths = [int(s.numel()) for s in seqs]
+    plan = packing.plan_micro_batches(lengths, model.pg.dp.size(), max_tokens_per_gpu)
+    micro = []
+    for ids in plan[model.pg.dp.rank()]:
+        mb = packed_micro_batch(model, [seqs[i] for i in ids], thd=thd, fp8=fp8)
+        mb["ids"] = ids
+        for key, rows in (per_token or {}).items():
+            mb[key] = packing.pack_predictions(rows[ids], mb["layout"])
+        for key, values in (per_seq or {}).items():
+            mb[key] = packing.pack_predictions([values[i].expand(lengths[i]) for i in ids], mb["layout"])
+        micro.append(mb)
+    return micro
+
+
 def thd_params(layout: packing.PackLayout):
     """Megatron's `PackedSeqParams` for a THD pack (cu_seqlens int32 on the CPU; `run_schedule` moves them)."""
     from megatron.core.packed_seq_params import PackedSeqParams
@@ -94,9 +121,9 @@ def score_packed(model: Model, seqs: Sequence[torch.Tensor], *, max_tokens_per_g
     stage (fused from the hidden states by default), broadcast over PP and gathered over DP.
     """
     lengths = [int(s.numel()) for s in seqs]
-    dp, dp_rank = model.pg.dp.size(), model.pg.dp.rank()
-    plan = packing.plan_micro_batches(lengths, dp, max_tokens_per_gpu)
-    micro = [dict(packed_micro_batch(model, [seqs[i] for i in ids], thd=thd), ids=ids) for ids in plan[dp_rank]]
+    dp_rank = model.pg.dp.rank()
+    plan = packing.plan_micro_batches(lengths, model.pg.dp.size(), max_tokens_per_gpu)
+    micro = packed_micro_batches(model, seqs, max_tokens_per_gpu=max_tokens_per_gpu, thd=thd)
     keys = ("logp", "entropy") if with_entropy else ("logp",)
 
     def score(mb: dict, out: torch.Tensor):

@@ -185,19 +185,14 @@ def packed_grads(model, seqs: list[torch.Tensor], inputs: dict, agg: str):
     """Packs of this DP rank (fused path, DDP module, 1F1B when PP>1), normalised by `packing.loss_scale`.
     Returns (the global loss sum, HF-named gradients, this rank's micro-batch count)."""
     from rlad_megatron.models.forward import logprobs_from_hidden, run_schedule
-    from rlad_megatron.models.packed import packed_micro_batch
+    from rlad_megatron.models.packed import packed_micro_batches
     from rlad_megatron.optim import build_optimizer
-    from rlad_megatron.packing import loss_scale, pack_predictions, plan_micro_batches
+    from rlad_megatron.packing import loss_scale
 
     weight, denom = denominators(inputs, agg)
     dp = model.pg.dp.size()
-    plan = plan_micro_batches([s.numel() for s in seqs], dp, BUDGET)
-    micro = []
-    for ids in plan[model.pg.dp.rank()]:
-        mb = packed_micro_batch(model, [seqs[i] for i in ids])
-        mb["w"] = pack_predictions(weight[ids], mb["layout"])
-        mb["adv"] = pack_predictions([inputs["adv"][i].expand(weight.shape[1]) for i in ids], mb["layout"])
-        micro.append(mb)
+    micro = packed_micro_batches(model, seqs, max_tokens_per_gpu=BUDGET, per_token={"w": weight},
+                                 per_seq={"adv": inputs["adv"]})
     scale = loss_scale(len(micro), dp, denom)
 
     def loss_fn(mb, hidden):
