@@ -186,8 +186,9 @@ def main() -> None:
         return
     print(f"tokens={args.tokens} hidden={args.hidden} vocab={args.vocab} tp={args.tp} dtype={args.dtype} "
           f"repeats={args.repeats} tiles={args.token_chunk}x{args.vocab_chunk}; peak = RSS high-water delta per rank "
-          f"(MiB, max over ranks); time = median wall s (max over ranks)")
-    print("| mode | impl | peak MiB | peak / base | time s | time / base |\n|---|---|---:|---:|---:|---:|")
+          f"(MiB, max over ranks); wall / cpu = median seconds (max over ranks)")
+    print("| mode | impl | peak MiB | peak / base | wall s | wall / base | cpu s | cpu / base |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|")
     for mode in args.modes.split(","):
         impls = [i for i in args.impls.split(",") if not ("ent" in mode and i == "logits+mcore")]  # mcore: no entropy
         base = None
