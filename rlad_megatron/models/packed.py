@@ -17,6 +17,7 @@ A pack (`packing.PackLayout`) is one row `[1, T]` of whole sequences. Two ways t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -37,14 +38,44 @@ def uses_te_attention(model: Model) -> bool:
     return not isinstance(layers[0].self_attention.core_attention, DotProductAttention)
 
 
-def packed_micro_batch(model: Model, seqs: Sequence[torch.Tensor], *, thd: bool | None = None,
-                       fp8: bool = False, pad_id: int = 0) -> dict:
-    """One micro-batch for `run_schedule` holding `seqs` (1-D token tensors) packed in this order.
+@dataclass
+class PackedBatch:
+    """One packed micro-batch for `run_schedule`: whole sequences back to back in one row of `T` tokens.
 
-    Keys: `tokens [1, T]`, `position_ids [1, T]`, `targets [1, T]` (next token within each sequence, 0 at
-    sequence ends and padding), `predict [1, T]` bool (positions whose target counts), `layout`; plus
-    `attention_mask [1, 1, T, T]` (local attention) or `packed_seq_params` (THD, when `thd` or TE is in use).
+    Position t predicts token t+1 of its own sequence where `predict` is True (every position but each sequence's
+    last and the padding), so `[1, T]` per-token tensors line up with the model's `[1, T]` outputs.
     """
+
+    tokens: torch.Tensor  # [1, T]
+    position_ids: torch.Tensor  # [1, T] 0..L_i-1 within each sequence
+    targets: torch.Tensor  # [1, T] next token within the sequence, 0 where `predict` is False
+    predict: torch.Tensor  # [1, T] bool
+    layout: packing.PackLayout
+    ids: list[int]  # the step's sequence indices this pack holds, in pack order
+    attention_mask: torch.Tensor | None = None  # [1, 1, T, T] bool, True = masked (local attention)
+    packed_seq_params: object | None = None  # megatron PackedSeqParams (THD, Transformer Engine)
+
+    def per_token(self, rows: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """Prediction-aligned rows of the whole batch (`[N, W, ...]`, e.g. `RolloutBatch.response_mask` /
+        `old_logp` `[N, L-1]`; row i holds sequence i's predictions first) -> `[1, T, ...]` for this pack."""
+        return packing.pack_predictions(rows[self.ids], self.layout, fill)
+
+    def per_seq(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sequence values of the whole batch (`[N]`, e.g. advantages) -> `[1, T]`, each repeated over its
+        sequence's predictions (0 elsewhere)."""
+        return packing.pack_predictions([values[i].expand(n) for i, n in zip(self.ids, self.layout.lengths,
+                                                                             strict=True)], self.layout)
+
+    def unpack(self, values: torch.Tensor) -> list[torch.Tensor]:
+        """`[1, T, ...]` per-token outputs -> per sequence of the pack `[L_i - 1, ...]` (in `ids` order)."""
+        return packing.unpack_predictions(values, self.layout)
+
+
+def packed_micro_batch(model: Model, seqs: Sequence[torch.Tensor], *, ids: Sequence[int] | None = None,
+                       thd: bool | None = None, fp8: bool = False, pad_id: int = 0) -> PackedBatch:
+    """`seqs` (1-D token tensors; `ids` = their indices in the step's batch, default 0..n-1) packed in this order,
+    with the block-diagonal `attention_mask` (local attention) or `packed_seq_params` (THD: when `thd`, or by
+    default when the model attends with Transformer Engine; padded to `packing.thd_pad_multiple(TP, fp8)`)."""
     thd = uses_te_attention(model) if thd is None else thd
     if not thd and model.config.masked_softmax_fusion:
         # the fused causal softmax kernel ignores the attention mask: packs would attend across sequences
@@ -52,40 +83,22 @@ def packed_micro_batch(model: Model, seqs: Sequence[torch.Tensor], *, thd: bool 
     layout = packing.pack_layout([int(s.numel()) for s in seqs],
                                  packing.thd_pad_multiple(model.tp, fp8) if thd else 1)
     tokens = packing.pack_sequences(seqs, layout, pad_id)
-    mb = {"tokens": tokens, "position_ids": packing.packed_position_ids(layout), "layout": layout,
-          "targets": packing.packed_targets(tokens, layout), "predict": packing.prediction_mask(layout)}
-    if thd:
-        mb["packed_seq_params"] = thd_params(layout)
-    else:
-        mb["attention_mask"] = packing.block_causal_mask(layout)
-    return mb
+    return PackedBatch(tokens=tokens, position_ids=packing.packed_position_ids(layout),
+                       targets=packing.packed_targets(tokens, layout), predict=packing.prediction_mask(layout),
+                       layout=layout, ids=list(ids) if ids is not None else list(range(len(seqs))),
+                       attention_mask=None if thd else packing.block_causal_mask(layout),
+                       packed_seq_params=thd_params(layout) if thd else None)
 
 
 def packed_micro_batches(model: Model, seqs: Sequence[torch.Tensor], *, max_tokens_per_gpu: int,
-                         per_token: dict[str, torch.Tensor] | None = None,
-                         per_seq: dict[str, torch.Tensor] | None = None, thd: bool | None = None,
-                         fp8: bool = False) -> list[dict]:
-    """This DP rank's micro-batches of `seqs` (1-D token tensors, the same list on every rank) under
-    `packing.plan_micro_batches(lengths, model's DP size, max_tokens_per_gpu)`.
-
-    Each is a `packed_micro_batch` plus `ids` (the indices into `seqs` it holds, in pack order) and, as `[1, T]`
-    per-token tensors (0 off the predicting positions): `per_token[k]` (`[N, W]` prediction-aligned rows, e.g. the
-    `[N, L-1]` tensors of `RolloutBatch`; row i uses its first `L_i - 1` entries) and `per_seq[k]` (`[N]`, each
-    value repeated over its sequence's predictions, e.g. advantages). The count may differ between DP ranks:
-    normalise the loss with `packing.loss_scale(len(result), dp, global_denominator)`.
-    """
+                         thd: bool | None = None, fp8: bool = False) -> list[PackedBatch]:
+    """This DP rank's packs of `seqs` (1-D token tensors, the same list on every rank) under
+    `packing.plan_micro_batches(lengths, model's DP size, max_tokens_per_gpu)`. The count may differ between DP
+    ranks: normalise the loss with `packing.loss_scale(len(result), dp, global_denominator)`."""
     lengths = [int(s.numel()) for s in seqs]
     plan = packing.plan_micro_batches(lengths, model.pg.dp.size(), max_tokens_per_gpu)
-    micro = []
-    for ids in plan[model.pg.dp.rank()]:
-        mb = packed_micro_batch(model, [seqs[i] for i in ids], thd=thd, fp8=fp8)
-        mb["ids"] = ids
-        for key, rows in (per_token or {}).items():
-            mb[key] = packing.pack_predictions(rows[ids], mb["layout"])
-        for key, values in (per_seq or {}).items():
-            mb[key] = packing.pack_predictions([values[i].expand(lengths[i]) for i in ids], mb["layout"])
-        micro.append(mb)
-    return micro
+    return [packed_micro_batch(model, [seqs[i] for i in ids], ids=ids, thd=thd, fp8=fp8)
+            for ids in plan[model.pg.dp.rank()]]
 
 
 def thd_params(layout: packing.PackLayout):
@@ -126,10 +139,10 @@ def score_packed(model: Model, seqs: Sequence[torch.Tensor], *, max_tokens_per_g
     micro = packed_micro_batches(model, seqs, max_tokens_per_gpu=max_tokens_per_gpu, thd=thd)
     keys = ("logp", "entropy") if with_entropy else ("logp",)
 
-    def score(mb: dict, out: torch.Tensor):
-        logp, ent = score_output(model, out, mb["targets"], fused=fused, temperature=temperature,
+    def score(mb: PackedBatch, out: torch.Tensor):
+        logp, ent = score_output(model, out, mb.targets, fused=fused, temperature=temperature,
                                  with_entropy=with_entropy)
-        keep = mb["predict"].to(logp.device)
+        keep = mb.predict.to(logp.device)
         res = {"logp": logp[keep]}  # the pack's predictions, sequence after sequence
         if with_entropy:
             res["entropy"] = ent[keep]

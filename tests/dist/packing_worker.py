@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -157,6 +158,15 @@ def denominators(inputs: dict, agg: str) -> tuple[torch.Tensor, float]:
     return torch.where(counts > 0, mask / counts.clamp(min=1), 0.0), float(has.sum())
 
 
+@dataclass
+class PaddedBatch:
+    """A padded reference micro-batch: `tokens [b, L]`, per-token loss weights `[b, L-1]`, advantages `[b]`."""
+
+    tokens: torch.Tensor
+    weight: torch.Tensor
+    adv: torch.Tensor
+
+
 def reference_grads(model, seqs: list[torch.Tensor], inputs: dict, agg: str):
     """Padded rows, logits path, bare module, every micro-batch on this rank (TP=1, PP=1: nothing to sync)."""
     from rlad_megatron.models.forward import run_schedule
@@ -165,15 +175,14 @@ def reference_grads(model, seqs: list[torch.Tensor], inputs: dict, agg: str):
 
     weight, denom = denominators(inputs, agg)
     tok = padded(seqs)
-    micro = [{"tokens": tok[i:i + MBS], "w": weight[i:i + MBS], "adv": inputs["adv"][i:i + MBS]}
-             for i in range(0, len(seqs), MBS)]
+    micro = [PaddedBatch(tok[i:i + MBS], weight[i:i + MBS], inputs["adv"][i:i + MBS]) for i in range(0, len(seqs), MBS)]
     scale = loss_scale(len(micro), 1, denom)
 
     def loss_fn(mb, logits):
-        logp, ent = vocab_parallel_logprobs(logits[:, :-1], mb["tokens"][:, 1:], group=model.pg.tp,
+        logp, ent = vocab_parallel_logprobs(logits[:, :-1], mb.tokens[:, 1:], group=model.pg.tp,
                                             temperature=TEMPERATURE, vocab_size=model.spec.vocab_size,
                                             with_entropy=True)
-        loss_sum = (mb["w"] * (-mb["adv"][:, None] * logp - 0.05 * ent)).sum()
+        loss_sum = (mb.weight * (-mb.adv[:, None] * logp - 0.05 * ent)).sum()
         return loss_sum * scale, {"loss_sum": loss_sum.detach().clone()}
 
     model.module.zero_grad(set_to_none=True)
@@ -191,13 +200,12 @@ def packed_grads(model, seqs: list[torch.Tensor], inputs: dict, agg: str):
 
     weight, denom = denominators(inputs, agg)
     dp = model.pg.dp.size()
-    micro = packed_micro_batches(model, seqs, max_tokens_per_gpu=BUDGET, per_token={"w": weight},
-                                 per_seq={"adv": inputs["adv"]})
+    micro = packed_micro_batches(model, seqs, max_tokens_per_gpu=BUDGET)
     scale = loss_scale(len(micro), dp, denom)
 
     def loss_fn(mb, hidden):
-        logp, ent = logprobs_from_hidden(model, hidden, mb["targets"], temperature=TEMPERATURE, with_entropy=True)
-        loss_sum = (mb["w"] * (-mb["adv"] * logp - 0.05 * ent)).sum()
+        logp, ent = logprobs_from_hidden(model, hidden, mb.targets, temperature=TEMPERATURE, with_entropy=True)
+        loss_sum = (mb.per_token(weight) * (-mb.per_seq(inputs["adv"]) * logp - 0.05 * ent)).sum()
         return loss_sum * scale, {"loss_sum": loss_sum.detach().clone()}
 
     ddp_module, optimizer, _ = build_optimizer(model, lr=1e-3, clip_grad=0.0)

@@ -81,7 +81,7 @@ def test_te_thd_packs_match_padded(megatron, tiny_hf_dir, kit):
     assert uses_te_attention(model)
     seqs = _sequences(kit.TINY["vocab_size"])
     mb = packed_micro_batch(model, seqs[:3])
-    assert mb["tokens"].shape[1] % 128 == 0 and "packed_seq_params" in mb and "attention_mask" not in mb
+    assert mb.tokens.shape[1] % 128 == 0 and mb.packed_seq_params is not None and mb.attention_mask is None
     packed, ref = _score_both(model, seqs)
     diff = _max_diff(packed, ref)
     print(f"\n[gpu packing] TE bf16, THD packs vs padded: max |dlogp| {diff:.3f}")
