@@ -43,10 +43,13 @@ RLAD_ARGS=(
   --algo rlad --alpha 0.5 --eps-clip-low 0.2 --eps-clip-high 0.28 --teacher-clamp 1.0
   --loss-agg seq-mean-token-mean
 )
-# Optimisation (paper): lr 1e-6, global batch 256 sequences per optimizer step, micro-batch 2.
+# Optimisation (paper): lr 1e-6, global batch 256 sequences per optimizer step. Micro-batches are packs of whole
+# sequences of at most 16K tokens (no compute on padding), balanced over the 32 DP ranks by token count; the packs
+# are padded to TP x 128 tokens for Transformer Engine's THD attention and FP8.
 TRAIN_ARGS=(
   --train-iters 500 --lr 1e-6 --min-lr 1e-6 --lr-warmup-steps 10 --clip-grad 1.0 --weight-decay 0.01
-  --micro-batch-size 2 --global-batch-size 256 --num-updates-per-rollout 1 --use-distributed-optimizer
+  --use-dynamic-batch-size --max-tokens-per-gpu 16384 --global-batch-size 256 --num-updates-per-rollout 1
+  --use-distributed-optimizer
   --seed 42
 )
 # Rollouts: colocated SGLang, one engine per GPU (ROLLOUT_GPUS_PER_ENGINE=1: 32 engines on 4 x 8 GPUs; 4: 8 engines of

@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--algo", choices=sorted(ALGOS), default="rlad")
     g.add_argument("--train-iters", type=int, default=10, help="RL steps (rollout + update rounds)")
-    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--micro-batch-size", type=int, default=1, help="rows per micro-batch (padded batches)")
+    g.add_argument("--use-dynamic-batch-size", action="store_true",
+                   help="pack whole sequences into micro-batches of at most --max-tokens-per-gpu tokens, balanced "
+                        "over the DP ranks by tokens (scoring and update); no compute on padding")
+    g.add_argument("--max-tokens-per-gpu", type=int, default=None, help="token budget of one packed micro-batch")
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="sequences per optimizer step (default: rollout batch / --num-updates-per-rollout)")
     g.add_argument("--num-updates-per-rollout", type=int, default=1)
@@ -197,6 +201,12 @@ def validate(args: argparse.Namespace) -> None:
                          f"--num-updates-per-rollout {args.num_updates_per_rollout}")
     if args.teacher_tensor_model_parallel_size is None:
         args.teacher_tensor_model_parallel_size = args.tensor_model_parallel_size
+    if args.use_dynamic_batch_size:
+        if not args.max_tokens_per_gpu or args.max_tokens_per_gpu < 1:
+            raise ValueError("--use-dynamic-batch-size needs --max-tokens-per-gpu N (the token budget of a pack)")
+        if args.algo == "gkd":
+            raise ValueError("--use-dynamic-batch-size: --algo gkd compares full teacher/student logits and keeps "
+                             "padded micro-batches")
     if args.rollout_chunk_groups < 1 or args.rollout_num_gpus_per_engine < 1:
         raise ValueError("--rollout-chunk-groups and --rollout-num-gpus-per-engine must be >= 1")
     if args.distributed_timeout_minutes <= 0:

@@ -49,6 +49,25 @@ class RolloutBatch:
     def response_tokens(self) -> float:
         return float(self.response_mask.sum())
 
+    def sequence_lengths(self) -> torch.Tensor:
+        """`[N]` real lengths (prompt + response): the response ends each sequence, so the last response position
+        `t` (predicting token `t + 1`) gives `t + 2`; a row without a response keeps the full width."""
+        width = self.response_mask.shape[1]
+        last = torch.where(self.response_mask > 0, torch.arange(width), -1).amax(dim=1)
+        return torch.where(last >= 0, last + 2, self.tokens.shape[1])
+
+    def sequences(self) -> list[torch.Tensor]:
+        """The rows without their padding, as 1-D token tensors (what packed micro-batches are built from)."""
+        return [row[:n] for row, n in zip(self.tokens, self.sequence_lengths().tolist(), strict=True)]
+
+    def prediction_rows(self, per_sequence: list[torch.Tensor]) -> torch.Tensor:
+        """Per-sequence predictions `[L_i - 1]` (in row order) -> `[N, L-1]`, zero past each sequence."""
+        rows = torch.zeros(len(self), self.tokens.shape[1] - 1, dtype=per_sequence[0].dtype if per_sequence else
+                           torch.float32, device=per_sequence[0].device if per_sequence else None)
+        for i, values in enumerate(per_sequence):
+            rows[i, : values.numel()] = values
+        return rows
+
 
 def build_batch(rollouts: Sequence[Sequenced], rewards: torch.Tensor, advantages: torch.Tensor,
                 pad_id: int) -> RolloutBatch:

@@ -52,7 +52,14 @@ def dry_run(args: Namespace) -> None:
     dp = world // s_mp
     n = args.rollout_batch_size * args.n_samples_per_prompt
     per_update = n // args.num_updates_per_rollout
-    if per_update % (dp * args.micro_batch_size):
+    if args.use_dynamic_batch_size:
+        if per_update < dp:
+            raise ValueError(f"global batch {per_update} has fewer sequences than DP ranks ({dp})")
+        if args.max_tokens_per_gpu < args.max_response_len:
+            raise ValueError(f"--max-tokens-per-gpu {args.max_tokens_per_gpu} is below --max-response-len "
+                             f"{args.max_response_len}: a full-length response would not fit a pack")
+        notes.append(f"micro-batches: packs of <= {args.max_tokens_per_gpu} tokens, balanced over {dp} DP ranks")
+    elif per_update % (dp * args.micro_batch_size):
         raise ValueError(f"global batch {per_update} is not divisible by DP ({dp}) x --micro-batch-size "
                          f"({args.micro_batch_size})")
     fields = {f.name for f in __import__("dataclasses").fields(TransformerConfig)}

@@ -41,8 +41,7 @@ def train(args: Namespace) -> dict:
         with timer("rollout"):
             batch, metrics = next_batch(run)
         metrics |= score_batch(batch, run.algo, student=run.policy.model, teacher=run.teacher, reference=run.reference,
-                               temperature=run.loss.temperature, micro_batch_size=run.update.micro_batch_size,
-                               step=run.state.step, timer=timer)
+                               temperature=run.loss.temperature, cfg=run.update, step=run.state.step, timer=timer)
         with timer("update"):
             metrics |= update_policy(run.policy, batch, run.update, run.loss,
                                      loss_context(run.algo, run.policy.model, run.teacher), step=run.state.step + 1)

@@ -126,6 +126,21 @@ def test_pp2_matches_pp1(results, name):
     assert r["compute_logprobs"] < EQUAL, r
 
 
+@pytest.mark.parametrize("algo", ["rlad", "kdrl"])
+@pytest.mark.parametrize("layout", ["dp", "tp", "pp"])
+@pytest.mark.parametrize("name", worker.MODELS)
+def test_packed_micro_batches_give_the_full_batch_gradient(results, name, layout, algo):
+    """`--use-dynamic-batch-size`: sequences of different lengths packed under a token budget (per-sequence causal
+    blocks, fused log-probs, packs balanced over DP with different counts per rank allowed) train exactly like one
+    padded full-batch backward: RLAD under seq-mean-token-mean, KDRL under token-mean."""
+    r = {k.removeprefix(f"{layout}_packed_{algo}/{name}/"): v for k, v in results.items()
+         if k.startswith(f"{layout}_packed_{algo}/{name}/")}
+    assert r["packs"] >= 1, r
+    assert r["pad_grad"] == 0.0, "padded vocab rows got a gradient"
+    assert r["grad"] < EQUAL * max(1.0, results[f"ref/{name}/grad_scale"]), r
+    assert r["grad_rel"] < 10 * EQUAL, r
+
+
 def test_teacher_beside_student(results):
     r = {k.removeprefix("teacher/"): v for k, v in results.items() if k.startswith("teacher/")}
     assert (r["tp"], r["dp"], r["student_tp"], r["pp2/pp"]) == (2, 1, 1, 2), r

@@ -1,7 +1,8 @@
 """Score the rollout batch with the models before the update: old-policy log-probs (student forward), the teacher's
 log-probs of the student's tokens (one teacher forward, no backward) and the reference's, all at the rollout
-temperature and vocab-parallel; every rank gets the full `[N, L-1]` tensors. Also the teacher-logits function the
-GKD loss calls inside the update."""
+temperature, vocab-parallel and fused from the final hidden states (no `[tokens, vocab/tp]` logits); with
+`--use-dynamic-batch-size` in packs of at most `--max-tokens-per-gpu` tokens, each model over its own DP ranks.
+Every rank gets the full `[N, L-1]` tensors. Also the teacher-logits function the GKD loss calls in the update."""
 
 from __future__ import annotations
 
@@ -13,18 +14,31 @@ from rlad_megatron import platform
 from rlad_megatron.batch import RolloutBatch
 from rlad_megatron.models.builder import Model
 from rlad_megatron.models.forward import compute_logprobs, position_ids
+from rlad_megatron.models.packed import score_packed
 from rlad_megatron.step.algos import Algo, LossContext
 from rlad_megatron.step.diagnostics import PhaseTimer, check_finite, rollout_gap, teacher_gap
+from rlad_megatron.step.update import UpdateConfig
+
+
+def logprobs_of(model: Model, batch: RolloutBatch, *, temperature: float, cfg: UpdateConfig) -> torch.Tensor:
+    """`[N, L-1]` log-probs of the batch's tokens under `model` (zero past each sequence when packed)."""
+    if cfg.max_tokens_per_gpu:
+        per_seq, _ = score_packed(model, batch.sequences(), max_tokens_per_gpu=cfg.max_tokens_per_gpu,
+                                  temperature=temperature)
+        return batch.prediction_rows(per_seq)
+    logp, _ = compute_logprobs(model, batch.tokens, temperature=temperature, micro_batch_size=cfg.micro_batch_size,
+                               fused=True)
+    return logp
 
 
 def score_batch(batch: RolloutBatch, algo: Algo, *, student: Model, teacher: Model | None, reference: Model | None,
-                temperature: float, micro_batch_size: int, step: int, timer: PhaseTimer) -> dict:
+                temperature: float, cfg: UpdateConfig, step: int, timer: PhaseTimer) -> dict:
     """Fill `batch.old_logp` / `teacher_logp` / `ref_logp` as `algo` needs them; returns the diagnostics."""
     metrics: dict = {}
 
     def score(model: Model, phase: str, what: str) -> torch.Tensor:
         with timer(phase):
-            logp, _ = compute_logprobs(model, batch.tokens, temperature=temperature, micro_batch_size=micro_batch_size)
+            logp = logprobs_of(model, batch, temperature=temperature, cfg=cfg)
         check_finite(logp, batch.response_mask, f"{what} log-probs", step + 1)
         return logp
 

@@ -1,7 +1,13 @@
 """Policy update: `num_updates_per_rollout` optimizer steps over mini-batches of the rollout batch.
 
 Each mini-batch (global batch) is split over the student's data-parallel ranks, then into micro-batches run by
-Megatron's schedule (1F1B when PP > 1). The loss of the whole mini-batch is exact whatever the split:
+Megatron's schedule (1F1B when PP > 1): `--micro-batch-size` padded rows each, or with `--use-dynamic-batch-size`
+packs of whole sequences of at most `--max-tokens-per-gpu` tokens, balanced over the DP ranks by token count
+(`packing.plan_micro_batches`; the ranks may run different numbers of packs). The student's log-probs come from
+the final hidden states through the fused output-layer op (no `[tokens, vocab/tp]` logits), except for GKD, whose
+loss needs the full distributions. A pack's per-token outputs are laid back out as the padded rows of its
+sequences, so every loss sees `[b, L-1]` rows either way. The loss of the whole mini-batch is exact whatever the
+split:
 
     loss_mini = sum_mb (count_mb / count_global) * loss_mb
 
@@ -23,20 +29,34 @@ import torch.distributed as dist
 from rlad_megatron import platform
 from rlad_megatron.batch import RolloutBatch
 from rlad_megatron.models.builder import Model
-from rlad_megatron.models.forward import next_tokens, run_schedule, split_rows
-from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
-from rlad_megatron.step.algos import LossConfig, LossContext, PolicyOutput, micro_batch_loss
+from rlad_megatron.models.forward import logprobs_from_hidden, next_tokens, run_schedule, score_output, split_rows
+from rlad_megatron.models.packed import PackedBatch, packed_micro_batches
+from rlad_megatron.step.algos import ALGOS, LossConfig, LossContext, PolicyOutput, micro_batch_loss
 from rlad_megatron.step.diagnostics import NonFiniteError
 
 
 @dataclass(frozen=True)
 class UpdateConfig:
     num_updates: int = 1  # optimizer steps per rollout batch
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # padded rows per micro-batch (without --use-dynamic-batch-size)
+    max_tokens_per_gpu: int | None = None  # --use-dynamic-batch-size: packs of at most this many tokens
 
     @classmethod
     def from_args(cls, args: Namespace) -> UpdateConfig:
-        return cls(num_updates=args.num_updates_per_rollout, micro_batch_size=args.micro_batch_size)
+        return cls(num_updates=args.num_updates_per_rollout, micro_batch_size=args.micro_batch_size,
+                   max_tokens_per_gpu=args.max_tokens_per_gpu if args.use_dynamic_batch_size else None)
+
+
+@dataclass
+class PackedRows:
+    """A pack for the schedule (`.tokens`, `.position_ids`, `.attention_mask`, `.packed_seq_params` of `pack`)
+    with the padded rows of its sequences, in pack order, for the loss."""
+
+    pack: PackedBatch
+    rows: RolloutBatch
+
+    def __getattr__(self, name: str):
+        return getattr(self.pack, name)
 
 
 @dataclass
@@ -64,27 +84,44 @@ def mean_metrics(local: list[dict]) -> dict[str, float]:
     return {k: sum(m[k] for m in rows if k in m) / max(1, sum(k in m for m in rows)) for k in keys}
 
 
+def fused_output(cfg: LossConfig) -> bool:
+    """The schedule hands the loss the final hidden states (fused log-probs) unless the loss needs the logits."""
+    return not ALGOS[cfg.algo].teacher_logits
+
+
+def policy_output(model: Model, mb: RolloutBatch | PackedRows, out: torch.Tensor, cfg: LossConfig,
+                  fused: bool) -> tuple[RolloutBatch, PolicyOutput]:
+    """The micro-batch's rows and the student's `[b, L-1]` log-probs and entropies on them, from the last stage's
+    output: hidden states `[s, b, h]` when `fused` (always for packs), else logits `[b, L, vocab/tp]`."""
+    temperature = cfg.policy_temperature
+    if isinstance(mb, PackedRows):  # one row of sequences: per-token values back to each sequence's row
+        logp, ent = logprobs_from_hidden(model, out, mb.pack.targets, temperature=temperature, with_entropy=True)
+        rows = mb.rows
+        return rows, PolicyOutput(logp=rows.prediction_rows(mb.pack.unpack(logp)),
+                                  entropy=rows.prediction_rows(mb.pack.unpack(ent)))
+    logp, ent = score_output(model, out, next_tokens(mb.tokens), fused=fused, temperature=temperature,
+                             with_entropy=True)
+    return mb, PolicyOutput(logp=logp[:, :-1], entropy=ent[:, :-1], logits=None if fused else out)
+
+
 def make_loss_fn(model: Model, cfg: LossConfig, ctx: LossContext, errors: list[str], *, global_count: float,
-                 n_micro: int):
+                 n_micro: int, fused: bool = False):
     """The schedule's loss function for one mini-batch. A bad value must not raise on one rank while the others
     wait in a collective: it is recorded in `errors`, the backward runs on a zero loss, and the caller raises on
     every rank after the schedule."""
     dp = model.pg.dp.size()
 
-    def loss_fn(mb: RolloutBatch, logits: torch.Tensor):
+    def loss_fn(mb: RolloutBatch | PackedRows, out: torch.Tensor):
         try:
-            logp, entropy = vocab_parallel_logprobs(logits, next_tokens(mb.tokens), group=model.pg.tp,
-                                                    temperature=cfg.policy_temperature,
-                                                    vocab_size=model.spec.vocab_size, with_entropy=True)
-            out = PolicyOutput(logp=logp[:, :-1], entropy=entropy[:, :-1], logits=logits)
-            loss, metrics = micro_batch_loss(mb, out, cfg, ctx)
+            rows, policy = policy_output(model, mb, out, cfg, fused)
+            loss, metrics = micro_batch_loss(rows, policy, cfg, ctx)
         except ValueError as err:
             errors.append(str(err))
-            return logits.sum() * 0.0, {}
-        loss = loss * (loss_count(mb, cfg.agg) / global_count * n_micro * dp)
+            return out.sum() * 0.0, {}
+        loss = loss * (loss_count(rows, cfg.agg) / global_count * n_micro * dp)
         if not torch.isfinite(loss):
             errors.append(f"non-finite loss {float(loss)}")
-            return logits.sum() * 0.0, {}
+            return out.sum() * 0.0, {}
         return loss, metrics
 
     return loss_fn
@@ -98,7 +135,15 @@ def raise_on_any_rank(errors: list[str], where: str) -> None:
         raise NonFiniteError(f"{where}: {next(e for e in everyone if e)[0]}")
 
 
-def micro_batches(mini: RolloutBatch, dp: int, dp_rank: int, micro_batch_size: int) -> list[RolloutBatch]:
+def micro_batches(mini: RolloutBatch, model: Model, cfg: UpdateConfig) -> list[RolloutBatch | PackedRows]:
+    """This DP rank's share of the mini-batch on the compute device: packs under the token budget, or rows."""
+    if cfg.max_tokens_per_gpu:
+        packs = packed_micro_batches(model, mini.sequences(), max_tokens_per_gpu=cfg.max_tokens_per_gpu)
+        return [PackedRows(p, mini.select(torch.tensor(p.ids)).to(platform.device())) for p in packs]
+    return row_micro_batches(mini, model.pg.dp.size(), model.pg.dp.rank(), cfg.micro_batch_size)
+
+
+def row_micro_batches(mini: RolloutBatch, dp: int, dp_rank: int, micro_batch_size: int) -> list[RolloutBatch]:
     """This DP rank's rows of the mini-batch, in micro-batches of `micro_batch_size` rows, on the compute device."""
     if len(mini) % dp:
         raise ValueError(f"global batch of {len(mini)} sequences is not divisible by the data-parallel size {dp}")
@@ -115,13 +160,15 @@ def accumulate_gradients(policy: Policy, mini: RolloutBatch, cfg: UpdateConfig, 
     buffers hold the gradient of the loss of the whole mini-batch (finalised over DP/PP/TP by the schedule).
     Returns this rank's per-micro-batch metrics (last PP stage)."""
     model = policy.model
-    micro = micro_batches(mini, model.pg.dp.size(), model.pg.dp.rank(), cfg.micro_batch_size)
+    micro = micro_batches(mini, model, cfg)
     errors: list[str] = []
+    fused = cfg.max_tokens_per_gpu is not None or fused_output(loss_cfg)
     loss_fn = make_loss_fn(model, loss_cfg, ctx, errors, global_count=max(loss_count(mini, loss_cfg.agg), 1.0),
-                           n_micro=len(micro))
+                           n_micro=len(micro), fused=fused)
     policy.ddp.zero_grad_buffer()
     policy.optimizer.zero_grad()
-    metrics = run_schedule(model, policy.ddp, micro, loss_fn, forward_only=False)
+    metrics = run_schedule(model, policy.ddp, micro, loss_fn, forward_only=False,
+                           output="hidden" if fused else "logits")
     raise_on_any_rank(errors, where)
     return metrics
 

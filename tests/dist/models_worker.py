@@ -33,6 +33,9 @@ ROWS, SEQ, MBS = 8, 16, 2
 TEMPERATURES = (0.7, 1.0)
 GRAD_TEMPERATURE = 0.7
 AGGS = ("seq-mean-token-mean", "token-mean")
+PACK_TOKENS = 40  # packs of 2-3 sequences of 13-16 tokens
+# (aggregation, algo): the reference gradients computed once per model; packed runs cover rlad and kdrl
+REFERENCES = [(AGGS[0], "grpo"), (AGGS[1], "grpo"), (AGGS[0], "rlad"), (AGGS[1], "kdrl")]
 
 Value = float | bool | str | int
 Grads = dict[str, torch.Tensor]
@@ -43,24 +46,25 @@ def tokens_for(vocab: int) -> torch.Tensor:
 
 
 def rollout_batch(tokens: torch.Tensor, old_logp: torch.Tensor):
-    """A `RolloutBatch` of ROWS sequences with responses of different lengths (prompts of 2..7 tokens) and signed
-    advantages; `old_logp` is fixed across layouts (the reference's log-probs shifted by 0.1: every ratio is
-    exp(0.1), unclipped, so every response token has a gradient)."""
+    """A `RolloutBatch` of ROWS sequences of SEQ - (i % 4) tokens with responses of different lengths (prompts of
+    2..7 tokens) and signed advantages; `old_logp` is fixed across layouts (the reference's log-probs shifted by
+    0.1: every GRPO ratio is exp(0.1), unclipped, so every response token has a gradient), and so is the teacher's
+    (shifted by 0.3, inside TRRD's clamp)."""
     from rlad_megatron.batch import RolloutBatch
 
     n, length = tokens.shape
     mask = torch.zeros(n, length - 1)
     for i in range(n):
-        mask[i, 1 + i % 6:] = 1.0
+        mask[i, 1 + i % 6:length - 1 - i % 4] = 1.0
     adv = torch.randn(n, generator=torch.Generator().manual_seed(8))
     return RolloutBatch(tokens=tokens, response_mask=mask, rollout_logp=torch.zeros(n, length - 1), rewards=adv,
-                        advantages=adv, old_logp=old_logp)
+                        advantages=adv, old_logp=old_logp, teacher_logp=old_logp - 0.2)
 
 
-def loss_config(agg: str):
+def loss_config(agg: str, algo: str = "grpo"):
     from rlad_megatron.step.algos import LossConfig
 
-    return LossConfig(algo="grpo", temperature=GRAD_TEMPERATURE, agg=agg, entropy_coef=0.05)
+    return LossConfig(algo=algo, temperature=GRAD_TEMPERATURE, agg=agg, entropy_coef=0.05, kl_coef=0.1)
 
 
 def loss_context(model):
@@ -69,8 +73,9 @@ def loss_context(model):
     return LossContext(tp_group=model.pg.tp, vocab_size=model.spec.vocab_size)
 
 
-def batch_loss(model, batch, agg: str) -> tuple[torch.Tensor, dict]:
-    """`micro_batch_loss` of `batch` in one plain forward of the bare module (TP=1, PP=1)."""
+def batch_loss(model, batch, agg: str, algo: str = "grpo") -> tuple[torch.Tensor, dict]:
+    """`micro_batch_loss` of `batch` in one plain forward of the bare module (TP=1, PP=1), log-probs from the
+    logits (the training path takes them fused from the hidden states: the comparison covers that op too)."""
     from rlad_megatron.models.forward import next_tokens, position_ids
     from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
     from rlad_megatron.step.algos import PolicyOutput, micro_batch_loss
@@ -80,7 +85,7 @@ def batch_loss(model, batch, agg: str) -> tuple[torch.Tensor, dict]:
     logp, ent = vocab_parallel_logprobs(logits, next_tokens(tokens), group=model.pg.tp,
                                         temperature=GRAD_TEMPERATURE, vocab_size=model.spec.vocab_size,
                                         with_entropy=True)
-    cfg = loss_config(agg)
+    cfg = loss_config(agg, algo)
     return micro_batch_loss(batch, PolicyOutput(logp[:, :-1], ent[:, :-1], logits), cfg, loss_context(model))
 
 
@@ -157,29 +162,32 @@ def padding_grad(model) -> float:
     return float(g.abs().max()) if g.numel() else 0.0
 
 
-def reference_backward(model, batch, agg: str) -> tuple[list[dict], Grads]:
+def reference_backward(model, batch, agg: str, algo: str = "grpo") -> tuple[list[dict], Grads]:
     """The ground truth: the bare module at TP=1, PP=1, the gradient of the WHOLE batch's loss in one backward;
     per-micro-batch metrics from the same loss on each MBS-row slice."""
     assert model.tp == 1 and model.pp == 1
     model.module.zero_grad(set_to_none=True)
-    loss, _ = batch_loss(model, batch, agg)
+    loss, _ = batch_loss(model, batch, agg, algo)
     loss.backward()
     with torch.no_grad():
-        metrics = [batch_loss(model, batch.select(slice(i, i + MBS)), agg)[1] for i in range(0, len(batch), MBS)]
+        metrics = [batch_loss(model, batch.select(slice(i, i + MBS)), agg, algo)[1] for i in range(0, len(batch), MBS)]
     return metrics, hf_grads(model)
 
 
-def training_backward(model, batch, agg: str) -> tuple[list[dict], Grads, float]:
+def training_backward(model, batch, agg: str, algo: str = "grpo",
+                      packed: bool = False) -> tuple[list[dict], Grads, float]:
     """The real training path: `build_optimizer`'s DDP module and `step.update.accumulate_gradients` (micro-batches
-    split over the student's DP ranks, `run_schedule`, 1F1B when PP>1, exact loss normalisation). Returns (this
-    rank's metrics, the HF-named gradients the optimizer would step on, max |padding-row grad|)."""
+    of MBS rows, or with `packed` packs of at most PACK_TOKENS tokens balanced over the DP ranks; `run_schedule`,
+    1F1B when PP>1; fused output-layer log-probs; exact loss normalisation). Returns (this rank's metrics, the
+    HF-named gradients the optimizer would step on, max |padding-row grad|)."""
     from rlad_megatron.optim import build_optimizer
     from rlad_megatron.step.update import Policy, UpdateConfig, accumulate_gradients
 
     ddp_module, optimizer, scheduler = build_optimizer(model, lr=1e-3, clip_grad=0.0)
     policy = Policy(model, ddp_module, optimizer, scheduler)
-    metrics = accumulate_gradients(policy, batch, UpdateConfig(micro_batch_size=MBS), loss_config(agg),
-                                   loss_context(model), where="models_worker")
+    cfg = UpdateConfig(micro_batch_size=MBS, max_tokens_per_gpu=PACK_TOKENS if packed else None)
+    metrics = accumulate_gradients(policy, batch, cfg, loss_config(agg, algo), loss_context(model),
+                                   where="models_worker")
     return metrics, hf_grads(model), padding_grad(model)
 
 
@@ -238,19 +246,33 @@ def main(root: Path) -> None:
                                                                    with_entropy=True)
         return res
 
-    def check_training(model, name: str, prefix: str, agg: str = AGGS[0]) -> None:
-        """Gradients (and per-micro-batch metrics) of the training path vs the TP=1/PP=1 full-batch reference."""
+    def check_training(model, name: str, prefix: str, agg: str = AGGS[0], algo: str = "grpo",
+                       packed: bool = False) -> None:
+        """Gradients (and, unpacked, per-micro-batch metrics) of the training path vs the TP=1/PP=1 full-batch
+        reference."""
         r = ref[name]
-        metrics, grads, pad_grad = training_backward(model, rollout_batch(tokens[name], r["old_logp"]), agg)
+        metrics, grads, pad_grad = training_backward(model, rollout_batch(tokens[name], r["old_logp"]), agg, algo,
+                                                     packed)
         key = f"{prefix}/{name}"
-        out[f"{key}/grad"], out[f"{key}/grad_rel"] = grads_diff(grads, r["grads"][agg])
+        out[f"{key}/grad"], out[f"{key}/grad_rel"] = grads_diff(grads, r["grads"][(agg, algo)])
         out[f"{key}/pad_grad"] = pad_grad
+        if packed:
+            if model.is_last_stage:
+                out[f"{key}/packs"] = len(metrics)
+            return
         if model.is_last_stage:
-            ref_metrics = r["metrics"][agg]
+            ref_metrics = r["metrics"][(agg, algo)]
             mine = ref_metrics[split_rows(len(ref_metrics), model.pg.dp.size(), model.pg.dp.rank())]
             out[f"{key}/num_metrics"] = len(metrics) * model.pg.dp.size()
             out[f"{key}/loss"] = metrics_diff(metrics, mine, "loss")
             out[f"{key}/entropy_metric"] = metrics_diff(metrics, mine, "entropy")
+
+    def check_packed(name: str, prefix: str) -> None:
+        """`--use-dynamic-batch-size`: packs under the token budget, RLAD (seq-mean-token-mean) and KDRL
+        (token-mean), vs the full-batch padded reference (a fresh model: the checks before stepped nothing, but
+        DDP wrappers keep state)."""
+        for agg, algo in REFERENCES[2:]:
+            check_training(load(name, root), name, f"{prefix}_packed_{algo}", agg, algo, packed=True)
 
     # ---------------- 1. TP=1, PP=1 (DP=2): references; the teacher beside the student
     ref: dict[str, dict] = {}
@@ -260,19 +282,21 @@ def main(root: Path) -> None:
         r = {"logits": full_logits(model, tok)[..., :model.spec.vocab_size], **scores(model, tok)}
         r["old_logp"] = r[f"logp_T{GRAD_TEMPERATURE}"] - 0.1
         r["metrics"], r["grads"] = {}, {}
-        for agg in AGGS:
-            r["metrics"][agg], r["grads"][agg] = reference_backward(model, rollout_batch(tok, r["old_logp"]), agg)
-        grads = r["grads"][AGGS[0]]
+        for agg, algo in REFERENCES:
+            r["metrics"][(agg, algo)], r["grads"][(agg, algo)] = reference_backward(
+                model, rollout_batch(tok, r["old_logp"]), agg, algo)
+        grads = r["grads"][(AGGS[0], "grpo")]
         out[f"ref/{name}/pad_grad"] = padding_grad(model)
         zero = [k for k, g in grads.items() if not g.abs().sum() > 0]
         out[f"ref/{name}/zero_grads"] = ",".join(zero)
         out[f"ref/{name}/grad_tensors"] = len(grads)
         out[f"ref/{name}/grad_scale"] = max(float(g.abs().max()) for g in grads.values())
         out[f"ref/{name}/logp_range"] = float(r["logp_T1.0"].max() - r["logp_T1.0"].min())
-        out[f"ref/{name}/agg_grads_differ"] = grads_diff(r["grads"]["token-mean"], grads)[1]
+        out[f"ref/{name}/agg_grads_differ"] = grads_diff(r["grads"][("token-mean", "grpo")], grads)[1]
         ref[name] = r
         check_training(load(name, root), name, "dp")  # the training path at TP=1, DP=2
         check_training(load(name, root), name, "dp_token_mean", "token-mean")
+        check_packed(name, "dp")
 
     name = "qwen2_tied"
     tok = tokens[name]
@@ -294,7 +318,7 @@ def main(root: Path) -> None:
     # the student still runs at TP=1 in the same processes: same logits, and it trains (the teacher stays out)
     out["teacher/student_logits_after"] = max_diff(full_logits(student, tok), student_logits)
     _, grads = reference_backward(student, rollout_batch(tok, ref[name]["old_logp"]), AGGS[0])
-    out["teacher/student_grad_after"] = grads_diff(grads, ref[name]["grads"][AGGS[0]])[0]
+    out["teacher/student_grad_after"] = grads_diff(grads, ref[name]["grads"][(AGGS[0], "grpo")])[0]
     out["teacher/no_grad_after_student_backward"] = all(p.grad is None for p in teacher.module.parameters())
     # check_frozen can fail: a trainable parameter, a gradient, training mode
     p0 = next(teacher.module.parameters())
@@ -349,6 +373,7 @@ def main(root: Path) -> None:
         for k, v in scores(model, tok).items():
             out[f"tp/{model_name}/{k}"] = max_diff(v, r[k])
         check_training(model, model_name, "tp")
+        check_packed(model_name, "tp")
         padding_check(model, model_name, "tp2")
         if model_name == "qwen3_untied":  # saved with non-zero padding rows: the reshard must carry them
             tp2_logits = full_logits(model, tok)
@@ -379,6 +404,7 @@ def main(root: Path) -> None:
             out[f"pp/{model_name}/pp"] = model.pp
             calls.clear()
             check_training(model, model_name, "pp")
+            check_packed(model_name, "pp")
             out[f"pp/{model_name}/1f1b_microbatches"] = calls[0] if calls else 0
             lp, _ = compute_logprobs(model, tok, temperature=1.0, micro_batch_size=MBS)
             out[f"pp/{model_name}/compute_logprobs"] = max_diff(lp, r["logp_T1.0"])
