@@ -33,6 +33,10 @@ CASES = [
     ("grpo_pp2", ["--algo", "grpo", "--loss-agg", "token-mean"], 1, 2, ["actor/clip_frac_low"]),
     ("rlad_pp2_teacher_pp2", ["--algo", "rlad", "--teacher-tensor-model-parallel-size", "1",
                               "--teacher-pipeline-model-parallel-size", "2"], 1, 2, ["actor/log_ratio_teacher_mean"]),
+    ("rlad_packed_tp2", ["--algo", "rlad", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "64",
+                         "--teacher-tensor-model-parallel-size", "1"], 2, 1, ["actor/gate_blocked_pos"]),
+    ("kdrl_packed_pp2", ["--algo", "kdrl", "--use-dynamic-batch-size", "--max-tokens-per-gpu", "64",
+                         "--loss-agg", "token-mean"], 1, 2, ["actor/kl_teacher"]),
 ]
 
 
