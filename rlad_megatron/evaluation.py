@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from math import comb
 
-from rlad_megatron.rewards import score_batch
+from rlad_megatron.rewards import DEFAULT_TIMEOUT_S, score_batch
 from rlad_megatron.rollout.base import Rollout, SamplingParams
 
 # generator knobs that name a difficulty subset, first found wins (K&K: people; zebra: people; sums: terms)
@@ -111,9 +111,10 @@ def summarize(correct: list[list[float]], subsets: list[str], k: int | Sequence[
 
 
 def rollout_and_score(engine, samples, *, reward: str, n: int, sampling: SamplingParams, tokenizer,
-                      reward_workers: int = 0, batch_size: int | None = None,
-                      format_reward: float = 0.0) -> tuple[list[Rollout], list[str], list[float]]:
-    """n samples per prompt, flat (`prompt x n` order): (rollouts, decoded texts, rewards) with the training reward.
+                      reward_workers: int = 0, batch_size: int | None = None, format_reward: float = 0.0,
+                      reward_timeout: float | None = DEFAULT_TIMEOUT_S) -> tuple[list[Rollout], list[str], list[float]]:
+    """n samples per prompt, flat (`prompt x n` order): (rollouts, decoded texts, rewards) with the training reward;
+    a sample whose reward takes longer than `reward_timeout` seconds scores 0 (`rewards.scorer`).
 
     Generation runs `batch_size` sequences at a time (None: all at once). Sequence j of the flattened
     `prompt x n` list samples with seed `sampling.seed + j`, so the result does not depend on `batch_size`.
@@ -126,17 +127,17 @@ def rollout_and_score(engine, samples, *, reward: str, n: int, sampling: Samplin
         rollouts += engine.generate(prompts[start:start + step], sp)
     texts = [r.text or tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in rollouts]
     scores = score_batch(reward, texts, [s for s in samples for _ in range(n)], num_workers=reward_workers,
-                         format_reward=format_reward)
+                         format_reward=format_reward, timeout=reward_timeout)
     return rollouts, texts, scores
 
 
 def generate_and_score(engine, samples, *, reward: str, n: int, sampling: SamplingParams, tokenizer,
-                       reward_workers: int = 0, batch_size: int | None = None,
-                       format_reward: float = 0.0) -> tuple[list[list[float]], list[list[str]]]:
+                       reward_workers: int = 0, batch_size: int | None = None, format_reward: float = 0.0,
+                       reward_timeout: float | None = DEFAULT_TIMEOUT_S) -> tuple[list[list[float]], list[list[str]]]:
     """`rollout_and_score` grouped per prompt: (scores[prompt][sample], texts[prompt][sample])."""
     _, texts, scores = rollout_and_score(engine, samples, reward=reward, n=n, sampling=sampling, tokenizer=tokenizer,
                                          reward_workers=reward_workers, batch_size=batch_size,
-                                         format_reward=format_reward)
+                                         format_reward=format_reward, reward_timeout=reward_timeout)
     return ([scores[i * n:(i + 1) * n] for i in range(len(samples))],
             [texts[i * n:(i + 1) * n] for i in range(len(samples))])
 
