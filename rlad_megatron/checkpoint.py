@@ -10,6 +10,9 @@ rlad_meta.json      model identity (HF config, spec, padded vocab) + layout it w
 ```
 `save_dir/latest` holds the step of the newest complete checkpoint.
 
+Directory layout, completeness checks and resume resolution (files only, no torch model) live in
+`checkpoint_dirs`.
+
 Atomicity: every rank writes into `save_dir/.tmp_iter_{step:07d}/`; after a barrier rank 0 renames it to
 `iter_{step:07d}` (one `rename`) and only then replaces `latest` (temp file + `os.replace`). A crash at
 any moment leaves the previous checkpoint and `latest` intact; an `iter_*` directory is complete by
@@ -27,7 +30,6 @@ import io
 import json
 import os
 import random
-import re
 import shutil
 import time
 import warnings
@@ -39,22 +41,32 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from rlad_megatron import platform
+from rlad_megatron.checkpoint_dirs import (  # noqa: F401 - re-exported: the checkpoint API lives here
+    DELETE_PREFIX,
+    DIST_DIR,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    META_FILE,
+    RNG_DIR,
+    SCHEDULER_FILE,
+    TMP_PREFIX,
+    TRAIN_STATE_FILE,
+    CheckpointError,
+    check_complete,
+    checkpoint_dir,
+    completeness_problem,
+    iter_dir_name,
+    list_checkpoints,
+    read_latest,
+    resolve_resume,
+    resolve_step,
+)
 from rlad_megatron.models.builder import Model
 
-FORMAT_VERSION = 1
-LATEST_FILE = "latest"
-DIST_DIR = "dist"
-RNG_DIR = "rng"
-META_FILE = "rlad_meta.json"
-TRAIN_STATE_FILE = "train_state.json"
-SCHEDULER_FILE = "scheduler.json"
-TMP_PREFIX = ".tmp_"
-DELETE_PREFIX = ".del_"
 # test hook: seconds rank 0 sleeps after all ranks finished writing and before the rename
 SLEEP_BEFORE_RENAME_ENV = "RLAD_CKPT_TEST_SLEEP_BEFORE_RENAME"
 DEFAULT_OPTIM_SHARDING = "fully_reshardable"
 OPTIM_SHARDING_TYPES = ("fully_reshardable", "dp_reshardable", "fully_sharded_model_space")
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
 # ModelSpec fields that must agree between a checkpoint and the model it is loaded into
 _IDENTITY_FIELDS = (
     "family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -63,57 +75,9 @@ _IDENTITY_FIELDS = (
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or belongs to another model."""
-
-
 # --------------------------------------------------------------------------------------------------
-# directory helpers
+# writing helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def checkpoint_dir(save_dir: str | Path, step: int) -> Path:
-    return Path(save_dir) / iter_dir_name(step)
-
-
-def list_checkpoints(save_dir: str | Path) -> list[int]:
-    """Steps of the complete checkpoints under `save_dir`, ascending."""
-    root = Path(save_dir)
-    if not root.is_dir():
-        return []
-    steps = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER_RE.match(p.name))]
-    return sorted(steps)
-
-
-def read_latest(save_dir: str | Path) -> int | None:
-    """The step in `save_dir/latest`, or None when there is no pointer file."""
-    path = Path(save_dir) / LATEST_FILE
-    if not path.exists():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: expected a step number, found {text!r}")
-    return int(text)
-
-
-def resolve_step(load_dir: str | Path) -> int | None:
-    """The step to resume from: `latest` if its directory exists, else the newest `iter_*` (with a
-    warning), else None."""
-    step = read_latest(load_dir)
-    if step is not None and checkpoint_dir(load_dir, step).is_dir():
-        return step
-    steps = list_checkpoints(load_dir)
-    if step is not None:
-        warnings.warn(
-            f"{Path(load_dir) / LATEST_FILE} points to step {step} but {checkpoint_dir(load_dir, step)} does not "
-            f"exist; using the newest complete checkpoint {steps[-1] if steps else None}",
-            stacklevel=2,
-        )
-    return steps[-1] if steps else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -438,6 +402,7 @@ def load_checkpoint(
     ckpt = checkpoint_dir(load_dir, step)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: no such checkpoint (have steps {list_checkpoints(load_dir)})")
+    check_complete(ckpt)
     saved_meta = check_meta(ckpt / META_FILE, model)
     content = dist_checkpointing.load_content_metadata(str(ckpt / DIST_DIR)) or {}
     sd_metadata = _sharded_metadata(content.get("distrib_optim_sharding_type", DEFAULT_OPTIM_SHARDING))
