@@ -70,14 +70,19 @@ def global_rank() -> int:
 
 
 @contextlib.contextmanager
-def as_user_error(*types: type[BaseException], where: str | None = None) -> Iterator[None]:
-    """Re-raise exceptions of `types` raised inside the block as `UserError` (e.g. flag validation's ValueErrors)."""
+def as_user_error(*types: type[BaseException], flag: str | None = None) -> Iterator[None]:
+    """Inside the block, exceptions of `types` become `UserError`s (e.g. flag validation's ValueErrors), and with
+    `flag` every user error's message is prefixed by it (`--data x.jsonl:3: invalid JSON`) unless it starts
+    with it already."""
     try:
         yield
-    except UserError:
-        raise
-    except types as e:
-        raise UserError(str(e), where=where) from e
+    except (UserError, *types) as e:
+        message = str(e)
+        if flag and not message.startswith(flag):
+            message = f"{flag} {message}"
+        if isinstance(e, UserError) and message == str(e):
+            raise
+        raise UserError(message) from e
 
 
 def report(prog: str, err: BaseException, *, rank: int | None = None, stream=None) -> None:
