@@ -33,7 +33,7 @@ T = TypeVar("T")
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "RLAD_DEBUG"
 DEBUG_FLAG = "--debug"
-NONZERO_RANK_GRACE_S = 5.0
+NONZERO_RANK_GRACE_S = 10.0
 
 
 class UserError(ValueError):
@@ -72,8 +72,8 @@ def global_rank() -> int:
 @contextlib.contextmanager
 def as_user_error(*types: type[BaseException], flag: str | None = None) -> Iterator[None]:
     """Inside the block, exceptions of `types` become `UserError`s (e.g. flag validation's ValueErrors), and with
-    `flag` every user error's message is prefixed by it (`--data x.jsonl:3: invalid JSON`) unless it starts
-    with it already."""
+    `flag` every user error's message is prefixed by it unless it starts with it already: `flag="--data"` for
+    messages that start with the file (`--data x.jsonl:3: invalid JSON`), `flag="--reward nope:"` otherwise."""
     try:
         yield
     except (UserError, *types) as e:

@@ -234,7 +234,7 @@ def _reward_of(src: str, samples: list, reward: str | None, format_reward: float
     name = reward or samples[0].task
     if not name:
         raise UserError(f"--data {src}: rows carry no 'task' name; pass --reward")
-    with as_user_error(flag=f"--reward {name}" if reward else f"--data {src}"):
+    with as_user_error(flag=f"--reward {name}:" if reward else f"--data {src}: task {name!r}:"):
         get_reward_fn(name, format_reward=format_reward)
     return name
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlad_megatron.errors import UserError
+from rlad_megatron.errors import UserError, as_user_error
 
 
 def model_format(path: str | Path, *, flag: str = "--model") -> str:
@@ -67,7 +67,11 @@ class MegatronSource:
 def inspect_megatron(path: str | Path, *, flag: str = "--load") -> MegatronSource:
     """Validate a Megatron checkpoint (model-only, save dir or `iter_*` dir) from its files; UserError naming the
     broken file. A save dir resolves like `--load` (`checkpoint_dirs.resolve_resume`)."""
-    path = Path(path)
+    with as_user_error(flag=flag):
+        return _inspect(Path(path), flag)
+
+
+def _inspect(path: Path, flag: str) -> MegatronSource:
     fmt = model_format(path, flag=flag)
     if fmt == "hf":
         raise UserError(f"{flag} {path}: a Hugging Face dir, expected a Megatron checkpoint")
@@ -85,9 +89,12 @@ def inspect_megatron(path: str | Path, *, flag: str = "--load") -> MegatronSourc
         note = f"training checkpoint {path} (step {step})"
     else:
         save_dir = path
-        step, note = resolve_resume(path)
+        step, why = resolve_resume(path)
         if step is None:
             raise UserError(f"{flag} {path}: no checkpoint in this save dir (no latest file, no iter_* directory)")
+        note = f"training checkpoint {checkpoint_dir(path, step)} (step {step})"
+        if "newest complete" in why:  # no usable `latest`: say which iteration was picked and why
+            note = why.replace("resuming from", "using")
     meta = json.loads((checkpoint_dir(save_dir, step) / META_FILE).read_text())
     dtype = getattr(torch, str(meta["params_dtype"]).removeprefix("torch."))
     return MegatronSource(fmt, save_dir, step, meta["hf_config"], int(meta["padded_vocab"]), dtype, note)

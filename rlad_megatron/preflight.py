@@ -90,13 +90,14 @@ def check_prompt_source(flag: str, source: str) -> str:
     """A builtin task exists / the file's first rows parse. Returns the rows' task name ("" if none)."""
     from rlad_megatron.data.prompts import load_prompt_file
 
-    with as_user_error(flag=flag):
-        if source.startswith("builtin:"):
-            from rlad_megatron.data.tasks import check_task_name
+    if source.startswith("builtin:"):
+        from rlad_megatron.data.tasks import check_task_name
 
-            task = source.split(":", 1)[1]
+        task = source.split(":", 1)[1]
+        with as_user_error(flag=f"{flag} {source}:"):
             check_task_name(task)
-            return task
+        return task
+    with as_user_error(flag=flag):
         return load_prompt_file(source, max_rows=PEEK_ROWS)[0].task
 
 
@@ -140,7 +141,7 @@ def check_train_inputs(args: Namespace) -> list[str]:
     reward = args.reward or task
     if not reward:
         raise UserError(f"--prompt-data {args.prompt_data}: rows carry no 'task' name; pass --reward")
-    with as_user_error(flag=f"--reward {reward}" if args.reward else f"--prompt-data {args.prompt_data}: reward"):
+    with as_user_error(flag=f"--reward {reward}:" if args.reward else f"--prompt-data {args.prompt_data}: task {reward!r}:"):
         get_reward_fn(reward, format_reward=args.format_reward)
 
     if args.load:

@@ -46,6 +46,9 @@ class MegatronCheckpointMeta:
 def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
     """The raw `rlad_meta.json` dict (keys of `MegatronCheckpointMeta`; `["hf_config"]` rebuilds the spec)."""
     path = Path(ckpt_dir) / META_NAME
+    if not path.exists() and ((Path(ckpt_dir) / "latest").exists() or any(Path(ckpt_dir).glob("iter_*"))):
+        raise UserError(f"{ckpt_dir}: an rlad-train --save dir (training checkpoints), not a model-only checkpoint; "
+                        "export it with tools/convert_megatron_to_hf.py, or resume from it with --load")
     if not path.exists():
         raise UserError(f"{ckpt_dir}: no {META_NAME}; not a checkpoint written by save_megatron_checkpoint "
                         "(or tools/convert_hf_to_megatron.py)")
@@ -54,8 +57,8 @@ def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
         raise UserError(problem)
     meta = json.loads(path.read_text())
     if "format_version" in meta and "version" not in meta:
-        raise UserError(f"{ckpt_dir}: a training checkpoint (rlad-train --save), not a model-only one; export it with "
-                        "tools/convert_megatron_to_hf.py or convert it from HF with tools/convert_hf_to_megatron.py")
+        raise UserError(f"{ckpt_dir}: a training checkpoint (rlad-train --save), not a model-only checkpoint; export "
+                        "it with tools/convert_megatron_to_hf.py, or resume from it with --load")
     if meta.get("version") != META_VERSION:
         raise UserError(f"{path}: version {meta.get('version')!r}, this code reads version {META_VERSION}")
     return meta
