@@ -10,11 +10,11 @@ the entry point parses its flags) prints the traceback of user errors too.
 
 Under torchrun every rank validates the same files, so every rank raises the same error. Only global rank 0
 prints it (`RANK` from torchrun's environment, so this also works before `torch.distributed` is initialised) and
-exits 2 at once. Another rank first waits `NONZERO_RANK_GRACE_S`: torchrun stops the remaining workers as soon as
-rank 0 has exited, so in the usual case the line appears once. A rank still alive after the grace period failed
-alone (rank 0 did not), so it prints its own error, tagged with its rank, and exits 2. torchrun itself then prints
-its `ChildFailedError` summary (exitcode 2 of rank 0 as the root cause) with the launcher's own traceback; that is
-torchrun's report, not the job's.
+exits 2 at once. Another rank first waits `NONZERO_RANK_GRACE_S` (env `RLAD_ERROR_GRACE_S`): torchrun stops the
+remaining workers as soon as rank 0 has exited, so in the usual case the line appears once. A rank still alive
+after the grace period failed alone (rank 0 did not), so it prints its own error, tagged `[rank N]`, and exits 2.
+torchrun itself then prints its `ChildFailedError` summary (rank 0's exitcode 2 as the root cause) below the
+launcher's own traceback; that is torchrun's report, not the job's.
 
 This module imports nothing from the package: every layer may raise `UserError`.
 """
@@ -33,7 +33,8 @@ T = TypeVar("T")
 EXIT_USER_ERROR = 2
 DEBUG_ENV = "RLAD_DEBUG"
 DEBUG_FLAG = "--debug"
-NONZERO_RANK_GRACE_S = 10.0
+NONZERO_RANK_GRACE_S = 30.0  # ranks reach the same check seconds apart (imports on a busy node)
+GRACE_ENV = "RLAD_ERROR_GRACE_S"
 
 
 class UserError(ValueError):
@@ -98,7 +99,8 @@ def exit_user_error(prog: str, err: BaseException) -> NoReturn:
     """Print (rank 0 now, another rank after the grace period) and exit with code 2 on every rank."""
     rank = global_rank()
     if rank != 0:
-        time.sleep(NONZERO_RANK_GRACE_S)  # torchrun stops this worker meanwhile when rank 0 failed the same way
+        # torchrun stops this worker meanwhile when rank 0 failed the same way
+        time.sleep(float(os.environ.get(GRACE_ENV, NONZERO_RANK_GRACE_S)))
     report(prog, err, rank=rank)
     sys.exit(EXIT_USER_ERROR)
 
