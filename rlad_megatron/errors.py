@@ -3,7 +3,7 @@
 A `UserError` is bad input: a file or flag the user can fix. Its message starts with that file/flag, so the
 wrapper prints exactly one line and exits with code 2 (argparse's code for bad usage):
 
-    rlad-train: error: --prompt-data data/train.jsonl:3: invalid JSON (Expecting ',' delimiter at column 18)
+    rlad-train: error: --prompt-data data/train.jsonl:3: invalid JSON (Expecting ',' delimiter at column 20)
 
 Anything else is a bug and keeps its traceback. `RLAD_DEBUG=1` (or `--debug` on the command line, removed before
 the entry point parses its flags) prints the traceback of user errors too.
