@@ -282,7 +282,7 @@ def test_torchrun_only_rank0_prints(f, tmp_path):
     logs = tmp_path / "logs"
     p = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir",
               str(logs), "--redirects", "3", "-m", "rlad_megatron.train",
-              *train(f, "--prompt-data", str(f["bad_jsonl"]), "--micro-batch-size", "1")])  # DP=2 splits the batch
+              *train(f, "--prompt-data", str(f["bad_jsonl"]))])
     assert p.returncode != 0
     assert "exitcode  : 2" in p.stderr and "ChildFailedError" in p.stderr, p.stderr[-3000:]
     rank_err = {int(d.name): (d / "stderr.log").read_text() for d in logs.glob("*/attempt_0/*")}

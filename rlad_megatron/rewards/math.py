@@ -8,9 +8,8 @@ forms such as "final answer is $0.5$"), so the last box is cut out here (balance
 
 math-verify's timeouts use `signal.alarm`, which only works on a process's main thread: on the
 main thread (e.g. in a reward worker process, see `rewards.pool`) a `TIMEOUT_S` limit applies to parsing and
-to verifying, elsewhere (threads) it is disabled (`parsing_timeout=None`, `timeout_seconds=None`) and the
-per-sample deadline of `rewards.scorer` bounds the call instead. `TIMEOUT_S` is below half the default
-deadline, so math-verify normally gives up (score 0) before its worker would be killed.
+to verifying, elsewhere (threads) it is disabled (`parsing_timeout=None`, `timeout_seconds=None`); either way
+the per-sample deadline of `rewards.scorer` (`--reward-timeout`) bounds the whole call.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from typing import Any
 
 from rlad_megatron.data.prompts import PromptSample
 
-TIMEOUT_S = 2
+TIMEOUT_S = 5
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BRACE_RE = re.compile(r"[{}]")
 MAX_BOXED_CHARS = 1000  # longer boxed "answers" are degenerate; bounding them bounds math-verify's parse too

@@ -299,28 +299,41 @@ class RewardPool:
 
     def _run(self) -> None:
         try:
-            while not self._finished():
-                self._dispatch()
-                deadlines = [w.deadline for w in self._workers if w.job is not None and w.deadline is not None]
-                wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-                ready = wait([w.conn for w in self._workers] + [self._wake_r], wait_s)
-                for obj in ready:
-                    if obj == self._wake_r:
-                        os.read(self._wake_r, 4096)
-                        continue
-                    w = next((w for w in self._workers if w.conn is obj), None)
-                    if w is not None:
-                        self._receive(w)
-                self._expire()
+            self._loop()
+        except BaseException as e:  # a manager bug must not leave callers waiting on futures forever
+            with self._lock:
+                self._broken = RuntimeError(f"reward pool manager failed: {type(e).__name__}: {e}")
+                jobs, self._pending = list(self._pending), deque()
+            for job in jobs + [w.job for w in self._workers if w.job is not None]:
+                settle(job, False, self._broken)
+            raise
         finally:
-            for w in self._workers:
-                try:
-                    w.conn.send(None)
-                except (OSError, ValueError):
-                    pass
-            for w in self._workers:
-                w.proc.join(timeout=5)
-                if w.proc.is_alive():
-                    w.proc.kill()
-                    w.proc.join()
-                w.conn.close()
+            self._stop_workers()
+
+    def _loop(self) -> None:
+        while not self._finished():
+            self._dispatch()
+            deadlines = [w.deadline for w in self._workers if w.job is not None and w.deadline is not None]
+            wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
+            ready = wait([w.conn for w in self._workers] + [self._wake_r], wait_s)
+            for obj in ready:
+                if obj == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    continue
+                w = next((w for w in self._workers if w.conn is obj), None)
+                if w is not None:
+                    self._receive(w)
+            self._expire()
+
+    def _stop_workers(self) -> None:
+        for w in self._workers:
+            try:
+                w.conn.send(None)
+            except (OSError, ValueError):
+                pass
+        for w in self._workers:
+            w.proc.join(timeout=5)
+            if w.proc.is_alive():
+                w.proc.kill()
+                w.proc.join()
+            w.conn.close()

@@ -106,6 +106,11 @@ class RewardScorer:
         futures = [self.submit(r, s) for r, s in zip(responses, samples, strict=True)]
         return [f.result() for f in futures]
 
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """With worker processes: block until they have started (call it before generation, so that scoring the
+        first finished samples does not wait for start-up); False if `timeout` passed first. Inline: True."""
+        return self._pool.wait_ready(timeout) if self._pool is not None else True
+
     def pop_timeouts(self) -> int:
         """Timeouts since the previous call (per-step metric `reward/timeouts`)."""
         with self._lock:
