@@ -143,9 +143,9 @@ def generate_and_score(engine, samples, *, reward: str, n: int, sampling: Sampli
 
 
 def evaluate(engine, samples, *, reward: str, k: int, sampling: SamplingParams, tokenizer,
-             reward_workers: int = 0, n: int | None = None) -> dict:
+             reward_workers: int = 0, n: int | None = None, reward_timeout: float | None = DEFAULT_TIMEOUT_S) -> dict:
     """Generate n (default k) samples per prompt with `engine` and score them with the training reward."""
     n = n or k
     correct, _ = generate_and_score(engine, samples, reward=reward, n=n, sampling=sampling, tokenizer=tokenizer,
-                                    reward_workers=reward_workers)
+                                    reward_workers=reward_workers, reward_timeout=reward_timeout)
     return summarize(correct, [subset_of(s) for s in samples], k)
