@@ -10,9 +10,11 @@ import argparse
 import ast
 import dataclasses
 
-from rlad_megatron.algos import ALGOS
 from rlad_megatron.rewards.scorer import DEFAULT_TIMEOUT_S
+from rlad_megatron.step.algos import ALGOS
+from rlad_megatron.step.build import TC_PREFIX
 
+ENGINES = ("hf", "sglang", "sglang-remote")
 _EXPLICIT_CONFIG_FIELDS = {  # set from dedicated flags or from the HF config, never passed through twice
     "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size", "bf16", "fp16",
     "params_dtype", "pipeline_dtype", "fp8", "fp8_recipe", "fp8_param",
@@ -38,12 +40,8 @@ def _add_transformer_config_passthrough(parser: argparse.ArgumentParser) -> None
         flag = "--" + f.name.replace("_", "-")
         if f.name.startswith("_") or f.name in _EXPLICIT_CONFIG_FIELDS or flag in taken or not f.init:
             continue
-        group.add_argument(flag, dest=f"tc__{f.name}", type=_literal, default=argparse.SUPPRESS,
+        group.add_argument(flag, dest=f"{TC_PREFIX}{f.name}", type=_literal, default=argparse.SUPPRESS,
                            metavar="V", help=argparse.SUPPRESS)
-
-
-def transformer_config_overrides(args: argparse.Namespace) -> dict:
-    return {k[4:]: v for k, v in vars(args).items() if k.startswith("tc__")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-pipeline-model-parallel-size", type=int, default=1)
 
     g = p.add_argument_group("training")
-    g.add_argument("--algo", choices=ALGOS, default="rlad")
+    g.add_argument("--algo", choices=sorted(ALGOS), default="rlad")
     g.add_argument("--train-iters", type=int, default=10, help="RL steps (rollout + update rounds)")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None,
@@ -96,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-agg", choices=["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"],
                    default="seq-mean-token-mean")
     g.add_argument("--kl-coef", type=float, default=1e-3, help="KDRL: weight of KL(student || teacher)")
-    g.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k2")
+    g.add_argument("--kl-estimator", choices=["k1", "k2", "k3"], default="k2",
+                   help="KL estimator of every KL loss term (KDRL, --ref-kl-coef): k2 = reverse-KL gradient, k3 = "
+                        "forward-KL gradient; k1 is refused (zero expected gradient, see losses/kl.py)")
     g.add_argument("--ref-kl-coef", type=float, default=0.0,
                    help="beta * KL(student || initial student), grpo/rlad (a frozen copy of the initial student)")
     g.add_argument("--entropy-coef", type=float, default=0.0)
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sft: rejection-sampled teacher traces, or the dataset's reference responses")
 
     g = p.add_argument_group("rollout")
-    g.add_argument("--rollout-engine", choices=["hf", "sglang", "sglang-remote"], default="hf")
+    g.add_argument("--rollout-engine", default="hf",
+                   help="hf | sglang | sglang-remote | module.path:factory (factory(args, spec, tokenizer) -> engine)")
     g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step")
     g.add_argument("--n-samples-per-prompt", type=int, default=8)
     g.add_argument("--rollout-temperature", type=float, default=1.0)
@@ -152,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="validate flags and inputs, build nothing, exit")
 
     from rlad_megatron.fp8 import add_fp8_args
-    from rlad_megatron.rollout.sglang_args import add_sglang_args
-    from rlad_megatron.rollout.sglang_engine import add_rollout_engine_args
+    from rlad_megatron.rollout.sglang.args import add_sglang_args
+    from rlad_megatron.rollout.sglang.engine import add_rollout_engine_args
 
     add_fp8_args(p)
     add_rollout_engine_args(p)
@@ -166,12 +167,17 @@ def validate(args: argparse.Namespace) -> None:
     """Cross-flag checks that argparse can't express. Raises ValueError naming the flag."""
     if not (args.student_hf or args.student_load):
         raise ValueError("one of --student-hf / --student-load is required")
-    needs_teacher = args.algo in ("rlad", "kdrl", "gkd") or (args.algo == "sft" and args.sft_source == "teacher")
-    if needs_teacher and not (args.teacher_hf or args.teacher_load):
+    if args.rollout_engine not in ENGINES and ":" not in args.rollout_engine:
+        raise ValueError(f"--rollout-engine {args.rollout_engine!r}: expected one of {ENGINES} or module.path:factory")
+    if ALGOS[args.algo].needs_teacher(args.sft_source) and not (args.teacher_hf or args.teacher_load):
         raise ValueError(f"--algo {args.algo} needs a teacher: --teacher-hf or --teacher-load")
     if args.context_parallel_size > 1:
         raise ValueError("--context-parallel-size > 1: Megatron's CP groups are set up, but the RL loop does not "
                          "split sequences across CP ranks yet; use TP/PP/DP")
+    uses_kl = args.algo == "kdrl" or args.ref_kl_coef > 0
+    if uses_kl and args.kl_estimator == "k1":
+        raise ValueError("--kl-estimator k1 cannot drive a KL loss term: its gradient is zero in expectation over the "
+                         "sampled tokens; use k2 (reverse-KL gradient, default) or k3 (forward-KL gradient)")
     if args.ref_kl_coef and args.algo not in ("grpo", "rlad"):
         raise ValueError(f"--ref-kl-coef applies to --algo grpo/rlad, not {args.algo}")
     if not 0.0 <= args.alpha <= 1.0:

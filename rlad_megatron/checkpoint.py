@@ -61,6 +61,12 @@ from rlad_megatron.checkpoint_dirs import (  # noqa: F401 - re-exported: the che
     resolve_resume,
     resolve_step,
 )
+from rlad_megatron.checkpoint_optim import (
+    is_distributed_optimizer,
+    load_optimizer_state,
+    optimizer_kind,
+    prime_torch_adam_state,
+)
 from rlad_megatron.models.builder import Model
 
 # test hook: seconds rank 0 sleeps after all ranks finished writing and before the rename
@@ -212,80 +218,6 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _inner_torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    out = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            out.append(inner)
-    return out
-
-
-def _prime_torch_adam_state(optimizer) -> None:
-    """Give every param of a torch (Adam|AdamW) optimizer the state torch's first step would create
-    (step 0, zero moments). Megatron's DistributedOptimizer cannot build its state dict without it
-    (no apex/TE: it reads `state[p]["step"]`); the result is numerically a fresh optimizer."""
-    for opt in _inner_torch_optimizers(optimizer):
-        for group in opt.param_groups:
-            on_device = group.get("capturable") or group.get("fused")
-            for p in group["params"]:
-                state = opt.state[p]
-                if "step" not in state:
-                    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-                    state["step"] = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
-                for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ()):
-                    if key not in state:
-                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _optimizer_kind(optimizer) -> str | None:
-    """Megatron optimizer class (they save different state layouts), e.g. 'DistributedOptimizer'."""
-    if optimizer is None:
-        return None
-    return "+".join(type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _is_distributed_optimizer(optimizer) -> bool:
-    if optimizer is None:
-        return False
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-_PARAM_STATE_LOADERS = {
-    "fully_reshardable": "load_parameter_state_from_fully_reshardable",
-    "dp_reshardable": "load_parameter_state_from_dp_reshardable",
-    "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
-}
-
-
-def _load_optimizer_state(optimizer, state) -> None:
-    """`optimizer.load_state_dict(state)`, except for a DistributedOptimizer over torch Adam: megatron-core
-    0.16 then fails on the per-param `step` (KeyError in `_set_main_param_and_optimizer_states` for the
-    fully_reshardable / model-space formats), so its param state is loaded with `step` set aside; `step`
-    itself comes from the param groups, as Megatron intends."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    opts = getattr(optimizer, "chained_optimizers", [optimizer])
-    states = [state] if len(opts) == 1 else [state[k] for k in sorted(state)]
-    for opt, sd in zip(opts, states, strict=True):
-        if not (isinstance(opt, DistributedOptimizer) and _inner_torch_optimizers(opt) and "param_state" in sd):
-            opt.load_state_dict(sd)
-            continue
-        sd = dict(sd)
-        param_state, kind = sd.pop("param_state"), sd.pop("param_state_sharding_type")
-        opt.load_state_dict(sd)  # param groups + step (shared by all params: fixed by the caller)
-        steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
-        try:
-            getattr(opt, _PARAM_STATE_LOADERS[kind])(param_state)
-        finally:
-            for p, step in steps.items():
-                opt.optimizer.state[p]["step"] = step
-    if len(opts) > 1:
-        optimizer._synchronize_steps()
-
-
 def _sharded_metadata(optim_sharding_type: str) -> dict:
     return {
         "format_version": FORMAT_VERSION,
@@ -323,8 +255,8 @@ def save_checkpoint(
     train_state["step"] = step
     # serialise on every rank before any collective so a bad value fails everywhere, not just on rank 0
     meta = model_meta(model)
-    meta["optimizer"] = _optimizer_kind(optimizer)
-    meta["optim_sharding_type"] = optim_sharding_type if _is_distributed_optimizer(optimizer) else None
+    meta["optimizer"] = optimizer_kind(optimizer)
+    meta["optim_sharding_type"] = optim_sharding_type if is_distributed_optimizer(optimizer) else None
     json_files = {TRAIN_STATE_FILE: train_state, META_FILE: json.loads(json.dumps(meta, default=str))}
     if scheduler is not None:
         json_files[SCHEDULER_FILE] = scheduler.state_dict()
@@ -344,7 +276,7 @@ def save_checkpoint(
     model_sd = model.module.sharded_state_dict(metadata=sd_metadata)
     state = {"model": model_sd}
     if optimizer is not None:
-        _prime_torch_adam_state(optimizer)
+        prime_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=sd_metadata)
     dist_checkpointing.save(state, str(tmp / DIST_DIR), content_metadata=sd_metadata)
     buf = _to_bytes(_rng_state())
@@ -411,15 +343,15 @@ def load_checkpoint(
     state = {"model": model_sd}
     if optimizer is not None:
         _check_optimizer_compat(ckpt, saved_meta, model, optimizer, sd_metadata)
-        _prime_torch_adam_state(optimizer)
+        prime_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=sd_metadata)
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, str(ckpt / DIST_DIR))
         model.module.load_state_dict(loaded["model"])
         if optimizer is not None:
-            _load_optimizer_state(optimizer, loaded["optimizer"])
+            load_optimizer_state(optimizer, loaded["optimizer"])
             platform.fix_shared_optimizer_step(optimizer)
-            _prime_torch_adam_state(optimizer)  # a step-0 save has no `step` entries
+            prime_torch_adam_state(optimizer)  # a step-0 save has no `step` entries
 
     if scheduler is not None:
         path = ckpt / SCHEDULER_FILE
@@ -434,7 +366,7 @@ def load_checkpoint(
 
 def _check_optimizer_compat(ckpt: Path, saved_meta: dict, model: Model, optimizer, sd_metadata: dict) -> None:
     """Clear errors for optimizer states that cannot load here (megatron would fail with a KeyError)."""
-    saved_kind, kind = saved_meta.get("optimizer"), _optimizer_kind(optimizer)
+    saved_kind, kind = saved_meta.get("optimizer"), optimizer_kind(optimizer)
     if saved_kind != kind:
         raise CheckpointError(
             f"{ckpt / META_FILE}: the checkpoint's optimizer state is {saved_kind or 'absent'}, this run's optimizer "
@@ -443,7 +375,7 @@ def _check_optimizer_compat(ckpt: Path, saved_meta: dict, model: Model, optimize
         )
     saved = saved_meta["saved_layout"]
     sharding = sd_metadata["distrib_optim_sharding_type"]
-    if _is_distributed_optimizer(optimizer) and sharding == "dp_reshardable" and (saved["tp"], saved["pp"]) != (
+    if is_distributed_optimizer(optimizer) and sharding == "dp_reshardable" and (saved["tp"], saved["pp"]) != (
         model.tp, model.pp
     ):
         raise CheckpointError(

@@ -11,9 +11,9 @@ from __future__ import annotations
 from argparse import Namespace
 from pathlib import Path
 
-from rlad_megatron.arguments import transformer_config_overrides
 from rlad_megatron.errors import UserError
 from rlad_megatron.preflight import check_layout, check_model_layout, world_size
+from rlad_megatron.step.build import transformer_config_overrides
 
 
 def _check_model(name: str, hf_dir: str | None, tp: int, pp: int, notes: list[str]) -> None:

@@ -39,11 +39,13 @@ from pathlib import Path
 
 import torch
 
+from rlad_megatron.data.loader import load_prompts
 from rlad_megatron.errors import UserError, as_user_error, run_cli
-from rlad_megatron.evaluation import generate_and_score, subset_of, summarize
+from rlad_megatron.evaluation import subset_of, summarize
 from rlad_megatron.model_source import model_format
 from rlad_megatron.rewards import DEFAULT_TIMEOUT_S
 from rlad_megatron.rollout.base import SamplingParams
+from rlad_megatron.rollout.generate import RewardSpec, generate_and_score, per_prompt
 
 DEFAULT_SEED = 1234  # = rlad-train --eval-seed default: the same builtin held-out set as training evals
 
@@ -130,34 +132,6 @@ def benchmark_name(source: str, taken: set[str]) -> str:
         name, i = f"{base}_{i}", i + 1
     taken.add(name)
     return name
-
-
-def load_benchmark(source: str, *, size: int, seed: int, configs: list[dict], tokenizer, apply_chat_template: bool,
-                   limit: int | None = None) -> list:
-    """Encoded samples of one `--data` source. Builtin: the held-out split, one set of `size` per config."""
-    from rlad_megatron.data.prompts import encode_samples, load_prompt_file
-
-    if source.startswith("builtin:"):
-        task = source.split(":", 1)[1]
-        samples = []
-        for cfg in configs:
-            if task == "addition":
-                from rlad_megatron.data.addition import make_addition_dataset
-
-                samples += make_addition_dataset("eval", size, seed, **cfg)
-            else:
-                from rlad_megatron.data.tasks import make_task_dataset
-
-                # without a chat template the system prompt and the question become one plain string
-                samples += make_task_dataset(task, split="eval", size=size, seed=seed, chat=apply_chat_template,
-                                             **cfg)
-    else:
-        if configs != [{}]:
-            raise UserError(f"--task-config applies to builtin:<task> sets, not to the file {source}")
-        samples = load_prompt_file(source)
-        if limit:
-            samples = samples[:limit]
-    return encode_samples(samples, tokenizer, apply_chat_template)
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -259,8 +233,8 @@ def run(args: argparse.Namespace) -> dict:
     benches = []
     for src in args.data:
         with as_user_error(flag="--data"):
-            samples = load_benchmark(src, size=args.size, seed=args.seed, configs=configs, tokenizer=tokenizer,
-                                     apply_chat_template=args.apply_chat_template, limit=args.limit)
+            samples = load_prompts(src, split="eval", size=args.size, seed=args.seed, configs=configs,
+                                   tokenizer=tokenizer, apply_chat_template=args.apply_chat_template, limit=args.limit)
         benches.append((benchmark_name(src, taken), src, samples,
                         _reward_of(src, samples, args.reward, args.format_reward)))
     dtype = torch.bfloat16 if args.bf16 else torch.float32
@@ -279,10 +253,11 @@ def run(args: argparse.Namespace) -> dict:
     try:
         for name, src, samples, reward in benches:
             tb = time.perf_counter()
-            scores, texts = generate_and_score(engine, samples, reward=reward, n=args.k, sampling=sampling,
-                                               tokenizer=tokenizer, reward_workers=args.reward_workers,
-                                               batch_size=args.batch_size, format_reward=args.format_reward,
-                                               reward_timeout=args.reward_timeout)
+            _, texts, scores = generate_and_score(
+                engine, samples, n=args.k, sampling=sampling, tokenizer=tokenizer, batch_size=args.batch_size,
+                reward=RewardSpec(reward, workers=args.reward_workers, format_reward=args.format_reward,
+                                  timeout=args.reward_timeout))
+            scores, texts = per_prompt(scores, args.k), per_prompt(texts, args.k)
             subsets = [subset_of(s, args.subset_key) for s in samples]
             result["benchmarks"][name] = {"source": src, "reward": reward,
                                           "metrics": summarize(scores, subsets, pass_ks),

@@ -3,20 +3,14 @@
     mean@n = mean over prompts of (correct samples / n)            (RLAD's "Mean@32": mean Pass@1 over 32 samples)
     pass@k = 1 - C(n - c, k) / C(n, k)      (n samples per prompt, c of them correct; Chen et al. 2021)
 
-`evaluate` is what the trainer calls (one engine, one prompt list, overall + per-subset metrics);
-`generate_and_score` is the generation/scoring half on its own, used by `rlad-eval` (`rlad_megatron.eval`)
-to evaluate several benchmarks in bounded batches with reproducible per-row seeds.
+Metrics only: the samples come from `rollout.generate.generate_and_score` (training evals and `rlad-eval`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import replace
 from math import comb
-
-from rlad_megatron.rewards import DEFAULT_TIMEOUT_S, score_batch
-from rlad_megatron.rollout.base import Rollout, SamplingParams
 
 # generator knobs that name a difficulty subset, first found wins (K&K: people; zebra: people; sums: terms)
 SUBSET_KEYS = ("n_people", "num_people", "max_terms")
@@ -108,44 +102,3 @@ def summarize(correct: list[list[float]], subsets: list[str], k: int | Sequence[
         m["prompts"] = float(len(rows))
         out[name] = m
     return out
-
-
-def rollout_and_score(engine, samples, *, reward: str, n: int, sampling: SamplingParams, tokenizer,
-                      reward_workers: int = 0, batch_size: int | None = None, format_reward: float = 0.0,
-                      reward_timeout: float | None = DEFAULT_TIMEOUT_S) -> tuple[list[Rollout], list[str], list[float]]:
-    """n samples per prompt, flat (`prompt x n` order): (rollouts, decoded texts, rewards) with the training reward;
-    a sample whose reward takes longer than `reward_timeout` seconds scores 0 (`rewards.scorer`).
-
-    Generation runs `batch_size` sequences at a time (None: all at once). Sequence j of the flattened
-    `prompt x n` list samples with seed `sampling.seed + j`, so the result does not depend on `batch_size`.
-    """
-    prompts = [s.prompt_ids for s in samples for _ in range(n)]
-    step = batch_size or max(len(prompts), 1)
-    rollouts = []
-    for start in range(0, len(prompts), step):
-        sp = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + start)
-        rollouts += engine.generate(prompts[start:start + step], sp)
-    texts = [r.text or tokenizer.decode(r.output_ids, skip_special_tokens=True) for r in rollouts]
-    scores = score_batch(reward, texts, [s for s in samples for _ in range(n)], num_workers=reward_workers,
-                         format_reward=format_reward, timeout=reward_timeout)
-    return rollouts, texts, scores
-
-
-def generate_and_score(engine, samples, *, reward: str, n: int, sampling: SamplingParams, tokenizer,
-                       reward_workers: int = 0, batch_size: int | None = None, format_reward: float = 0.0,
-                       reward_timeout: float | None = DEFAULT_TIMEOUT_S) -> tuple[list[list[float]], list[list[str]]]:
-    """`rollout_and_score` grouped per prompt: (scores[prompt][sample], texts[prompt][sample])."""
-    _, texts, scores = rollout_and_score(engine, samples, reward=reward, n=n, sampling=sampling, tokenizer=tokenizer,
-                                         reward_workers=reward_workers, batch_size=batch_size,
-                                         format_reward=format_reward, reward_timeout=reward_timeout)
-    return ([scores[i * n:(i + 1) * n] for i in range(len(samples))],
-            [texts[i * n:(i + 1) * n] for i in range(len(samples))])
-
-
-def evaluate(engine, samples, *, reward: str, k: int, sampling: SamplingParams, tokenizer,
-             reward_workers: int = 0, n: int | None = None, reward_timeout: float | None = DEFAULT_TIMEOUT_S) -> dict:
-    """Generate n (default k) samples per prompt with `engine` and score them with the training reward."""
-    n = n or k
-    correct, _ = generate_and_score(engine, samples, reward=reward, n=n, sampling=sampling, tokenizer=tokenizer,
-                                    reward_workers=reward_workers, reward_timeout=reward_timeout)
-    return summarize(correct, [subset_of(s) for s in samples], k)

@@ -5,7 +5,7 @@ Progress goes to stderr: a tqdm bar on a terminal; otherwise (a cluster job's lo
 `progress_every_steps` steps (default: 20 lines per run) or `progress_every_s` seconds, whichever comes first,
 Megatron style: `step 40/200 (20%) | elapsed 0:01:10 | 1.75 s/step | eta 0:04:40 | reward=0.53 loss=0.012`.
 `close()` renders `out_dir/training_curves.png` with `plot_metrics`: one panel per metric family
-(`reward/*`, `eval/*`, `loss*`, `clip/*` + `gate/*`), each line a key, x = step.
+(rewards, `eval/*`, losses, clip + gate fractions), each line a key, x = step.
 """
 
 from __future__ import annotations
@@ -24,17 +24,17 @@ METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
 # progress-bar label -> metric keys to show, first present wins
 PROGRESS_KEYS: dict[str, tuple[str, ...]] = {
-    "reward": ("reward/mean", "reward"),
-    "loss": ("loss", "loss/total", "loss/policy"),
+    "reward": ("rollout/reward_mean", "reward/mean", "reward"),
+    "loss": ("actor/loss", "loss", "loss/total", "loss/policy"),
     "tok/s": ("perf/tokens_per_s", "tokens_per_s"),
     "eval": ("eval/accuracy", "eval/acc"),
 }
 # panel title -> key prefixes plotted in it
 PANELS: dict[str, tuple[str, ...]] = {
-    "reward": ("reward/",),
+    "reward": ("rollout/reward_mean", "rollout/accuracy", "reward/"),
     "eval accuracy": ("eval/",),
-    "loss": ("loss",),
-    "clip / gate fractions": ("clip/", "gate/"),
+    "loss": ("actor/loss", "actor/pg_loss", "loss"),
+    "clip / gate fractions": ("actor/clip_frac", "actor/gate_", "clip/", "gate/"),
 }
 MAX_LINES_PER_PANEL = 8
 _WANDB_WARNED = False

@@ -15,8 +15,8 @@ import os
 from argparse import Namespace
 from pathlib import Path
 
-from rlad_megatron.algos import NEEDS_TEACHER
 from rlad_megatron.errors import UserError, as_user_error
+from rlad_megatron.step.algos import ALGOS
 
 PEEK_ROWS = 64
 
@@ -29,7 +29,7 @@ def world_size() -> int:
 
 
 def needs_teacher(args: Namespace) -> bool:
-    return args.algo in NEEDS_TEACHER or (args.algo == "sft" and args.sft_source == "teacher")
+    return ALGOS[args.algo].needs_teacher(args.sft_source)
 
 
 def check_layout(args: Namespace, world: int) -> int:

@@ -30,3 +30,10 @@ def run_torchrun(script: str | Path, *args, nproc: int = 2, timeout: int = 300) 
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+def pytest_collection_modifyitems(items) -> None:
+    """A test that launches torchrun workers is slow whether or not it says so."""
+    for item in items:
+        if "torchrun" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -20,6 +20,7 @@ from tests.conftest import ROOT, torchrun_env
 WORKER = ROOT / "tests" / "dist" / "checkpoint_worker.py"
 
 
+@pytest.mark.slow
 def test_resume_bit_exact_and_reshard(tmp_path: Path, torchrun) -> None:
     out = torchrun(WORKER, "dist", tmp_path, nproc=2, timeout=400)
     assert "CHECKPOINT_DIST_OK" in out, out
@@ -62,6 +63,7 @@ def _wait_for(proc: subprocess.Popen, log: Path, marker: str, timeout: float = 1
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_sigkill_during_save_keeps_latest_loadable(tmp_path: Path) -> None:
     hook_dir, loop_dir = tmp_path / "hook", tmp_path / "loop"
     hook = _start("save_hook", hook_dir, tmp_path / "hook.log")

@@ -136,6 +136,7 @@ def test_atomic_dir(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["b"] and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.slow
 def test_convert_two_ranks(torchrun, hf_root):
     """Logits vs transformers per family at TP=1/TP=2/PP=2, bit-exact export, dist-ckpt reshard, tools."""
     stdout = torchrun(WORKER, hf_root, nproc=2, timeout=600)

@@ -195,6 +195,7 @@ def test_rlad_eval_rejects_bad_input(tiny_dir, tmp_path, capsys):
         model_format(tmp_path)
 
 
+@pytest.mark.slow
 def test_rlad_eval_megatron_checkpoint_matches_hf(tiny_dir, tmp_path):
     """The same weights as a model-only Megatron checkpoint and as an rlad-train --save checkpoint (built at TP=1
     in-process, exported into the engine) give exactly the samples of the HF dir."""

@@ -10,18 +10,15 @@ import json
 import pytest
 import torch
 
-from rlad_megatron.fp8 import (
+from rlad_megatron.fp8 import GpuFacts, add_fp8_args, ddp_overrides, validate_fp8
+from rlad_megatron.rollout.sglang.fp8_weights import (
     FP8_E4M3_MAX,
-    GpuFacts,
-    add_fp8_args,
-    ddp_overrides,
     dequantize_block_fp8,
     fp8_eligible,
     prepare_fp8_model_dir,
     quantize_block_fp8,
     quantize_hf_checkpoint,
     quantize_named_tensors,
-    validate_fp8,
 )
 
 HOPPER = GpuFacts(cuda=True, capability=(9, 0), cuda_version=(12, 9), te=True, name="H100")

@@ -155,6 +155,7 @@ def test_float_targets_rejected():
         vocab_parallel_logprobs(torch.randn(2, 12), torch.tensor([0.0, 1.0]))
 
 
+@pytest.mark.slow
 def test_tp2_matches_tp1(torchrun):
     """TP=2 (WORLD, new_group, singleton groups, Megatron's TP group) vs TP=1: values and gradients."""
     out = torchrun(DIST / "logprobs_tp_worker.py", nproc=2, timeout=300)

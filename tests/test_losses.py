@@ -191,7 +191,9 @@ def test_ratio_overflow_is_an_error_not_a_nan():
 def test_reference_kl_term():
     logp, old, teacher, adv, mask = rollout(7)
     ref_logp = old - 0.3
-    for est in ("k1", "k2", "k3"):
+    with pytest.raises(ValueError, match="k1.*cannot be a loss term"):
+        trrd_loss(logp, old, teacher, adv, mask, beta=0.05, ref_logp=ref_logp, kl_estimator="k1")
+    for est in ("k2", "k3"):
         loss, m = trrd_loss(logp, old, teacher, adv, mask, beta=0.05, ref_logp=ref_logp, kl_estimator=est)
         pg, _ = trrd_loss(logp, old, teacher, adv, mask)
         k = kl_estimate(logp, ref_logp, est)
@@ -222,14 +224,42 @@ def test_k1_k3_are_unbiased_for_reverse_kl():
         torch.testing.assert_close((lp.exp() * kl_estimate(lp, lq, est)).sum(), kl)
 
 
-@pytest.mark.parametrize("est", ["k1", "k2", "k3"])
+def test_kl_estimator_expected_gradients():
+    """Exactly over a small categorical pi = softmax(theta) and a fixed ref: E_{y~pi}[grad k(y)] (the sample fixed,
+    the gradient through log pi(y)) is 0 for k1, grad KL(pi||ref) for k2, grad KL(ref||pi) for k3."""
+    g = torch.Generator().manual_seed(3)
+    theta0 = torch.randn(7, generator=g, dtype=torch.float64)
+    log_ref = torch.log_softmax(torch.randn(7, generator=g, dtype=torch.float64), 0)
+
+    def grad(fn) -> torch.Tensor:
+        theta = theta0.clone().requires_grad_(True)
+        fn(torch.log_softmax(theta, 0)).backward()
+        return theta.grad
+
+    pi = torch.softmax(theta0, 0)
+    expected = {est: grad(lambda lp, e=est: (pi * kl_estimate(lp, log_ref, e)).sum()) for est in ("k1", "k2", "k3")}
+    reverse = grad(lambda lp: (lp.exp() * (lp - log_ref)).sum())
+    forward = grad(lambda lp: (log_ref.exp() * (log_ref - lp)).sum())
+    assert reverse.abs().max() > 0.05 and forward.abs().max() > 0.05 and (reverse - forward).abs().max() > 0.05
+    torch.testing.assert_close(expected["k1"], torch.zeros_like(theta0), atol=1e-12, rtol=0)
+    torch.testing.assert_close(expected["k2"], reverse, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(expected["k3"], forward, atol=1e-12, rtol=1e-10)
+
+
+def test_k1_is_refused_as_a_loss_term():
+    logp, old, teacher, adv, mask = rollout(9)
+    with pytest.raises(ValueError, match="zero in expectation"):
+        kdrl_loss(logp, old, teacher, adv, mask, kl_coef=0.02, kl_estimator="k1")
+
+
+@pytest.mark.parametrize("est", ["k2", "k3"])
 def test_kdrl_is_grpo_plus_kl(est):
     logp, old, teacher, adv, mask = rollout(9)
     x, y = logp.clone().requires_grad_(True), logp.clone().requires_grad_(True)
     loss, m = kdrl_loss(x, old, teacher, adv, mask, kl_coef=0.02, kl_estimator=est, agg="token-mean")
     loss.backward()
     lr = y - teacher
-    kl = {"k1": lr, "k2": 0.5 * lr**2, "k3": torch.exp(-lr) - 1 + lr}[est]
+    kl = {"k2": 0.5 * lr**2, "k3": torch.exp(-lr) - 1 + lr}[est]
     ref = plain_grpo(y, old, adv, mask, 0.2, 0.28, "token-mean") + 0.02 * kl[mask].mean()
     ref.backward()
     torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)

@@ -24,6 +24,8 @@ import torch
 
 from tests.conftest import ROOT, run_torchrun
 
+pytestmark = pytest.mark.slow  # torchrun / subprocess runs
+
 WORKER = ROOT / "tests" / "dist" / "models_worker.py"
 
 _spec = importlib.util.spec_from_file_location("models_worker", WORKER)
@@ -80,11 +82,12 @@ def test_reference_is_informative(results, name):
 
 
 def assert_training_grads(results: dict, prefix: str, name: str, tol: float) -> None:
-    """The training path (`build_optimizer`'s DDP module + `run_schedule`) at `prefix`'s layout: the per-micro-
-    batch metrics and every HF-named full gradient the optimizer would step on equal the TP=1/PP=1 reference."""
+    """The training path (`step.update.accumulate_gradients`: DDP, micro-batches split over DP, `run_schedule`) at
+    `prefix`'s layout: the per-micro-batch metrics and every HF-named full gradient the optimizer would step on
+    equal the TP=1/PP=1 reference, which is ONE backward of the whole batch's loss."""
     r = {k.removeprefix(f"{prefix}/{name}/"): v for k, v in results.items() if k.startswith(f"{prefix}/{name}/")}
     assert r["num_metrics"] == 4, r
-    assert r["loss"] < tol and r["logp_metric"] < tol, r
+    assert r["loss"] < tol and r["entropy_metric"] < tol, r
     assert r["pad_grad"] == 0.0, "padded vocab rows got a gradient"
     assert r["grad"] < tol * max(1.0, results[f"ref/{name}/grad_scale"]), r
     assert r["grad_rel"] < 10 * tol, r
@@ -102,8 +105,16 @@ def test_tp2_matches_tp1(results, name):
 
 @pytest.mark.parametrize("name", worker.MODELS)
 def test_dp2_gradients_match_one_replica(results, name):
-    """TP=1 with the 4 micro-batches split over 2 data-parallel replicas: DDP averages to the full-batch grads."""
+    """TP=1 with the 4 micro-batches split over 2 data-parallel replicas: the GRPO + entropy loss under
+    seq-mean-token-mean (responses of different lengths) gives exactly the full-batch gradient."""
     assert_training_grads(results, "dp", name, EQUAL)
+
+
+@pytest.mark.parametrize("name", worker.MODELS)
+def test_dp2_token_mean_gradients_match_one_replica(results, name):
+    """The same with token-mean: micro-batch losses rescaled by their share of the global token count."""
+    assert results[f"ref/{name}/agg_grads_differ"] > 1e-3, "the two aggregations must give different gradients"
+    assert_training_grads(results, "dp_token_mean", name, EQUAL)
 
 
 @pytest.mark.parametrize("name", worker.MODELS)

@@ -16,6 +16,8 @@ import pytest
 
 from rlad_megatron.reproduce import DIAGNOSTICS, METHOD_LABEL, METHODS, QUICK, ROOT, Recipe, pair_commands
 
+pytestmark = pytest.mark.slow  # torchrun / subprocess runs
+
 K = QUICK["final_k"]
 
 

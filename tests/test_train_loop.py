@@ -20,7 +20,9 @@ import pytest
 from tests.conftest import ROOT, torchrun_env
 from tests.dist.train_loop_worker import BASE
 
-VOLATILE = ("time", "perf/", "sync/seconds")
+pytestmark = pytest.mark.slow  # torchrun / subprocess runs
+
+VOLATILE = ("time", "perf/")
 
 
 @pytest.fixture(scope="module")

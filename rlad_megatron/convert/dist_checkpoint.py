@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from rlad_megatron import platform
 from rlad_megatron.ckpt_files import dist_checkpoint_problem, json_problem
 from rlad_megatron.convert.common import atomic_dir
 from rlad_megatron.convert.hf_to_megatron import check_same_model
@@ -78,15 +78,6 @@ def read_megatron_meta(ckpt_dir: str | Path) -> MegatronCheckpointMeta:
     return MegatronCheckpointMeta(**read_checkpoint_meta(ckpt_dir))
 
 
-def _rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _sharded_state_dict(model: Model) -> dict:
     return model.module.sharded_state_dict(metadata={"dp_cp_group": model.pg.dp_cp})
 
@@ -100,13 +91,13 @@ def save_megatron_checkpoint(model: Model, ckpt_dir: str | Path, *, overwrite: b
         hf_config=model.spec.hf_config, family=model.spec.family, padded_vocab=model.padded_vocab,
         dtype=str(model.config.params_dtype).removeprefix("torch."), tp=model.tp, pp=model.pp,
     )
-    with atomic_dir(ckpt_dir, overwrite=overwrite, enabled=_rank0()) as tmp:
-        _barrier()  # rank 0 has created the temp dir
+    with atomic_dir(ckpt_dir, overwrite=overwrite, enabled=platform.is_rank0()) as tmp:
+        platform.barrier()  # rank 0 has created the temp dir
         dist_checkpointing.save(_sharded_state_dict(model), str(tmp))
-        if _rank0():
+        if platform.is_rank0():
             (tmp / META_NAME).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-        _barrier()  # every rank has written its shards before rank 0 renames
-    _barrier()
+        platform.barrier()  # every rank has written its shards before rank 0 renames
+    platform.barrier()
     return Path(ckpt_dir)
 
 
@@ -147,8 +138,6 @@ def build_model_from_megatron_checkpoint(
 ) -> Model:
     """Build the checkpoint's model for the current layout (`pg=` in `build_kwargs`, default the student
     groups) with the checkpoint's padded vocab and dtype, and load its weights."""
-    from rlad_megatron import platform
-
     meta = read_megatron_meta(ckpt_dir)
     pg = build_kwargs.pop("pg", None) or platform.student_process_groups()
     model = build_model(

@@ -20,8 +20,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from rlad_megatron.data.generators import Split, generate_entries
 from rlad_megatron.data.prompts import PromptSample
-from rlad_megatron.data.tasks import Split, generate_entries
 
 TASK = "addition"
 WIDTH = 4

@@ -1,8 +1,4 @@
-"""Procedural task sets from reasoning-gym, generated offline from a seed.
-
-reasoning-gym builds item i of `create_dataset(name, seed=S)` from `random.Random(S + i)`, so two
-sets whose seeds differ by less than their size overlap. The eval split therefore uses
-`seed + EVAL_SEED_OFFSET` (10**9) and sizes are capped below that offset.
+"""Procedural task sets from reasoning-gym, generated offline from a seed (see `data.generators`).
 
 Each sample keeps what the reward needs in `meta` (all picklable, numpy scalars made plain):
 `rg_dataset` (name), `rg_config` (the generator config overrides) and `rg_entry` (the
@@ -11,64 +7,22 @@ reasoning-gym item, passed to its `score_answer`).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
+from rlad_megatron.data.addition import make_addition_dataset
+from rlad_megatron.data.generators import BUILTIN_TASKS, EVAL_SEED_OFFSET, Split, generate_entries, split_seed, to_plain
 from rlad_megatron.data.prompts import PromptSample
-from rlad_megatron.errors import UserError
 
-EVAL_SEED_OFFSET = 10**9
-# Tasks the project documents and tests; any other registered reasoning-gym name also works.
-BUILTIN_TASKS = ("knights_knaves", "countdown", "chain_sum", "basic_arithmetic", "addition")
+__all__ = ["BUILTIN_TASKS", "EVAL_SEED_OFFSET", "default_system_prompt", "generate_entries", "make_task_dataset",
+           "split_seed"]
+
 ANSWER_INSTRUCTION = "default"  # key of reasoning_gym.utils.SYSTEM_PROMPTS: asks for <answer>...</answer>
-
-Split = Literal["train", "eval"]
-
-
-def split_seed(seed: int, split: Split) -> int:
-    """Generator seed of a split: `seed` for train, `seed + 10**9` for eval."""
-    if split == "train":
-        return seed
-    if split == "eval":
-        return seed + EVAL_SEED_OFFSET
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-
-
-def to_plain(obj: Any) -> Any:
-    """Copy of `obj` with numpy scalars turned into Python scalars (containers kept)."""
-    if isinstance(obj, dict):
-        return {to_plain(k): to_plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_plain(v) for v in obj)
-    item = getattr(obj, "item", None)
-    if callable(item) and type(obj).__module__ == "numpy":
-        return item()
-    return obj
 
 
 def default_system_prompt() -> str:
     from reasoning_gym.utils import SYSTEM_PROMPTS
 
     return SYSTEM_PROMPTS[ANSWER_INSTRUCTION]
-
-
-def check_task_name(name: str) -> None:
-    """UserError unless `name` is `addition` or a registered reasoning-gym dataset."""
-    import reasoning_gym
-
-    if name != "addition" and name not in reasoning_gym.factory.DATASETS:
-        raise UserError(f"unknown task {name!r}; built-ins: {', '.join(BUILTIN_TASKS)} or a reasoning-gym "
-                        "dataset name")
-
-
-def generate_entries(name: str, *, split: Split, size: int, seed: int, **cfg: Any) -> list[dict[str, Any]]:
-    """`size` plain reasoning-gym items of dataset `name` for `split`."""
-    import reasoning_gym
-
-    if not 0 < size <= EVAL_SEED_OFFSET:
-        raise UserError(f"size must be in [1, {EVAL_SEED_OFFSET}], got {size}")
-    check_task_name(name)
-    ds = reasoning_gym.create_dataset(name, seed=split_seed(seed, split), size=size, **cfg)
-    return [to_plain(ds[i]) for i in range(size)]
 
 
 def make_task_dataset(
@@ -89,8 +43,6 @@ def make_task_dataset(
     `cfg` overrides the generator's config (e.g. `n_people=3`). `addition` ignores the prompt options.
     """
     if name == "addition":
-        from rlad_megatron.data.addition import make_addition_dataset
-
         return make_addition_dataset(split, size, seed, **cfg)
     if system_prompt == "default":
         system_prompt = default_system_prompt()

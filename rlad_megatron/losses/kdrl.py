@@ -7,7 +7,7 @@ from torch import Tensor
 
 from rlad_megatron.losses._checks import check_logprobs, check_mask, check_number
 from rlad_megatron.losses.agg import aggregate, masked_mean
-from rlad_megatron.losses.kl import KL_ESTIMATORS, kl_estimate
+from rlad_megatron.losses.kl import check_loss_estimator, kl_estimate
 from rlad_megatron.losses.trrd import grpo_loss
 
 __all__ = ["kdrl_loss"]
@@ -29,14 +29,14 @@ def kdrl_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """``grpo_loss(...) + kl_coef * agg(k(logp - teacher_logp))``, all inputs ``[batch, resp_len]``.
 
-    The reverse KL ``KL(pi_S || pi_T)`` is estimated on the student's own rollout tokens with ``k1``/``k2``/``k3``
-    (``kl.py``); the teacher enters only through this term (no teacher in the ratio). ``advantages`` is
+    The reverse KL ``KL(pi_S || pi_T)`` is estimated on the student's own rollout tokens with ``k2`` (reverse-KL
+    gradient, default) or ``k3`` (forward-KL gradient); ``k1`` is refused (zero expected gradient, ``kl.py``). The
+    teacher enters only through this term (no teacher in the ratio). ``advantages`` is
     ``[batch]`` or ``[batch, resp_len]``. Metrics: those of ``grpo_loss`` plus ``kl_teacher`` (token mean of the
     estimator) and ``log_ratio_teacher_mean``.
     """
     check_number("kl_coef", kl_coef, 0.0)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    check_loss_estimator(kl_estimator)
     mask = check_mask(mask)
     check_logprobs("teacher_logp", teacher_logp, mask)
     pg_loss, metrics = grpo_loss(logp, old_logp, advantages, mask, eps_low=eps_low, eps_high=eps_high, agg=agg,

@@ -21,7 +21,7 @@ from rlad_megatron.losses._checks import (
     check_number,
 )
 from rlad_megatron.losses.agg import aggregate, masked_mean
-from rlad_megatron.losses.kl import KL_ESTIMATORS, kl_estimate
+from rlad_megatron.losses.kl import check_loss_estimator, kl_estimate
 from rlad_megatron.losses.ppo import clip_regions, clipped_surrogate
 
 __all__ = ["check_policy_args", "grpo_loss", "trrd_loss"]
@@ -51,7 +51,7 @@ def trrd_loss(
     dual_clip: float | None = None,
     ref_logp: Tensor | None = None,
     beta: float = 0.0,
-    kl_estimator: str = "k3",
+    kl_estimator: str = "k2",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """TRRD clipped surrogate (+ optional ``beta * KL(pi || ref)``), aggregated with ``agg``.
 
@@ -64,7 +64,8 @@ def trrd_loss(
         alpha: weight of the old-policy ratio in ``[0, 1]``; 1 = GRPO, 0 = fully teacher-anchored.
         teacher_clamp: ``c`` of the App.-B clamp of ``logp - teacher_logp`` to ``[-c, c]``; ``None`` = no clamp.
         dual_clip: ``c > 1`` caps the loss of ``A < 0`` tokens at ``-c A``; ``None`` = off.
-        beta, kl_estimator: reference-KL coefficient and estimator (``k1``/``k2``/``k3``, see ``kl.py``).
+        beta, kl_estimator: reference-KL coefficient and estimator (``k2`` default, ``k3``; ``k1`` is refused as
+            a loss term, see ``kl.py``).
 
     Returns:
         ``(loss, metrics)``: scalar loss; detached 0-dim fp32 metrics. Token fractions are over unmasked tokens:
@@ -78,8 +79,7 @@ def trrd_loss(
     check_number("alpha", alpha, 0.0, 1.0)
     check_policy_args(eps_low, eps_high, agg, dual_clip)
     check_number("beta", beta, 0.0)
-    if kl_estimator not in KL_ESTIMATORS:
-        raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS}, got {kl_estimator!r}")
+    check_loss_estimator(kl_estimator)
     if teacher_clamp is not None:
         check_number("teacher_clamp", teacher_clamp, 0.0, lo_open=True)
     if teacher_logp is None and alpha != 1.0:
@@ -137,7 +137,7 @@ def grpo_loss(
     dual_clip: float | None = None,
     ref_logp: Tensor | None = None,
     beta: float = 0.0,
-    kl_estimator: str = "k3",
+    kl_estimator: str = "k2",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO = ``trrd_loss`` with ``alpha = 1`` and no teacher: ratio ``exp(logp - old_logp)``."""
     return trrd_loss(logp, old_logp, None, advantages, mask, alpha=1.0, eps_low=eps_low, eps_high=eps_high,

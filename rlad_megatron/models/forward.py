@@ -8,6 +8,7 @@ vocab-parallel on the last stage and returned in full (`[N, L-1]`) on every rank
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -23,23 +24,30 @@ from rlad_megatron.models.builder import Model
 from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
 
 # loss_fn(micro_batch, logits [b, s, vocab/tp]) -> (scalar loss, metrics dict)
-LossFn = Callable[[dict, torch.Tensor], tuple[torch.Tensor, dict]]
+LossFn = Callable[[object, torch.Tensor], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class TokenBatch:
+    """The least a micro-batch is: its token ids `[b, L]` (any object with `.tokens` runs through the schedule)."""
+
+    tokens: torch.Tensor
 
 
 def position_ids(tokens: torch.Tensor) -> torch.Tensor:
     return torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
 
 
-def run_schedule(model: Model, module, micro_batches: list[dict], loss_fn: LossFn, *, forward_only: bool) -> list[dict]:
-    """Forward (and backward unless `forward_only`) over `micro_batches` (each holds `tokens [mbs, L]`,
-    all the same shape). Returns the per-micro-batch metric dicts on the last stage, [] elsewhere."""
+def run_schedule(model: Model, module, micro_batches: list, loss_fn: LossFn, *, forward_only: bool) -> list[dict]:
+    """Forward (and backward unless `forward_only`) over `micro_batches` (each with `.tokens [mbs, L]`, all the
+    same shape). Returns the per-micro-batch metric dicts on the last stage, [] elsewhere."""
     if not micro_batches:
         return []
-    mbs, seq = micro_batches[0]["tokens"].shape
+    mbs, seq = micro_batches[0].tokens.shape
 
     def forward_step(data_iterator, mod):
         mb = next(data_iterator)
-        tokens = mb["tokens"].to(platform.device())
+        tokens = mb.tokens.to(platform.device())
         out = mod(tokens, position_ids(tokens), None)
         return out, partial(loss_fn, mb)
 
@@ -114,10 +122,10 @@ def compute_logprobs(
     dp = model.pg.dp.size()
     padded = pad_rows(tokens, dp * micro_batch_size)
     local = padded[split_rows(padded.shape[0], dp, model.pg.dp.rank())]
-    micro_batches = [{"tokens": t} for t in local.split(micro_batch_size)]
+    micro_batches = [TokenBatch(t) for t in local.split(micro_batch_size)]
 
-    def score(mb: dict, logits: torch.Tensor):
-        logp, ent = vocab_parallel_logprobs(logits, next_tokens(mb["tokens"]).to(logits.device), group=model.pg.tp,
+    def score(mb: TokenBatch, logits: torch.Tensor):
+        logp, ent = vocab_parallel_logprobs(logits, next_tokens(mb.tokens).to(logits.device), group=model.pg.tp,
                                             temperature=temperature, vocab_size=model.spec.vocab_size,
                                             with_entropy=with_entropy)
         out = {"logp": logp[:, :-1]}

@@ -3,7 +3,9 @@ tests/test_models.py as `torchrun --nproc_per_node=2 tests/dist/models_worker.py
 the tiny HF models written by the test (one subdir per name in `MODELS`). One launch, four layouts:
 
 1. TP=1 (DP=2): the reference for every model: gathered logits, `compute_logprobs` (T=0.7 and 1.0, with
-   entropy) and the gradients of a log-prob/entropy loss run by `run_schedule` (4 micro-batches);
+   entropy) and the full-batch gradient of the GRPO loss with an entropy bonus (`step.algos.micro_batch_loss` on
+   the whole batch, plain autograd); the training path is `step.update.accumulate_gradients` (4 micro-batches,
+   exact normalisation by global counts) under seq-mean-token-mean and token-mean;
    the frozen teacher beside the student (teacher TP=2 and PP=2 on its own groups);
 2. TP=2: the same quantities, gradients gathered to HF-named full tensors; vocab padding masked;
    a dist checkpoint saved; `build_model` / `Layout` / teacher-layout errors;
@@ -30,6 +32,7 @@ MODELS = ("qwen2_tied", "qwen3_untied")
 ROWS, SEQ, MBS = 8, 16, 2
 TEMPERATURES = (0.7, 1.0)
 GRAD_TEMPERATURE = 0.7
+AGGS = ("seq-mean-token-mean", "token-mean")
 
 Value = float | bool | str | int
 Grads = dict[str, torch.Tensor]
@@ -39,26 +42,46 @@ def tokens_for(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (ROWS, SEQ), generator=torch.Generator().manual_seed(7))
 
 
-def micro_batches(tokens: torch.Tensor) -> list[dict]:
-    """4 micro-batches of MBS rows, each row with its own advantage (a signed per-row weight)."""
-    adv = torch.randn(tokens.shape[0], generator=torch.Generator().manual_seed(8))
-    return [{"tokens": tokens[i:i + MBS], "adv": adv[i:i + MBS]} for i in range(0, tokens.shape[0], MBS)]
+def rollout_batch(tokens: torch.Tensor, old_logp: torch.Tensor):
+    """A `RolloutBatch` of ROWS sequences with responses of different lengths (prompts of 2..7 tokens) and signed
+    advantages; `old_logp` is fixed across layouts (the reference's log-probs shifted by 0.1: every ratio is
+    exp(0.1), unclipped, so every response token has a gradient)."""
+    from rlad_megatron.batch import RolloutBatch
+
+    n, length = tokens.shape
+    mask = torch.zeros(n, length - 1)
+    for i in range(n):
+        mask[i, 1 + i % 6:] = 1.0
+    adv = torch.randn(n, generator=torch.Generator().manual_seed(8))
+    return RolloutBatch(tokens=tokens, response_mask=mask, rollout_logp=torch.zeros(n, length - 1), rewards=adv,
+                        advantages=adv, old_logp=old_logp)
 
 
-def logprob_loss(model, temperature: float) -> Callable:
-    """A policy-gradient-like loss: -adv * log p(token) - 0.05 * entropy, through the vocab-parallel op."""
+def loss_config(agg: str):
+    from rlad_megatron.step.algos import LossConfig
+
+    return LossConfig(algo="grpo", temperature=GRAD_TEMPERATURE, agg=agg, entropy_coef=0.05)
+
+
+def loss_context(model):
+    from rlad_megatron.step.algos import LossContext
+
+    return LossContext(tp_group=model.pg.tp, vocab_size=model.spec.vocab_size)
+
+
+def batch_loss(model, batch, agg: str) -> tuple[torch.Tensor, dict]:
+    """`micro_batch_loss` of `batch` in one plain forward of the bare module (TP=1, PP=1)."""
+    from rlad_megatron.models.forward import next_tokens, position_ids
     from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
+    from rlad_megatron.step.algos import PolicyOutput, micro_batch_loss
 
-    def loss_fn(mb: dict, logits: torch.Tensor) -> tuple[torch.Tensor, dict]:
-        logp, ent = vocab_parallel_logprobs(
-            logits[:, :-1], mb["tokens"][:, 1:].to(logits.device), group=model.pg.tp, temperature=temperature,
-            vocab_size=model.spec.vocab_size, with_entropy=True,
-        )
-        loss = -(mb["adv"][:, None].to(logp.device) * logp).mean() - 0.05 * ent.mean()
-        # clones: the schedule divides the returned loss in place by the number of micro-batches
-        return loss, {"loss": loss.detach().clone(), "logp": logp.detach().clone()}
-
-    return loss_fn
+    tokens = batch.tokens
+    logits = model.module(tokens, position_ids(tokens), None)
+    logp, ent = vocab_parallel_logprobs(logits, next_tokens(tokens), group=model.pg.tp,
+                                        temperature=GRAD_TEMPERATURE, vocab_size=model.spec.vocab_size,
+                                        with_entropy=True)
+    cfg = loss_config(agg)
+    return micro_batch_loss(batch, PolicyOutput(logp[:, :-1], ent[:, :-1], logits), cfg, loss_context(model))
 
 
 def load(name: str, root: Path, **build_kwargs):
@@ -134,28 +157,29 @@ def padding_grad(model) -> float:
     return float(g.abs().max()) if g.numel() else 0.0
 
 
-def reference_backward(model, micro: list[dict]) -> tuple[list[dict], Grads]:
-    """The ground truth: the bare module at TP=1, PP=1, every micro-batch on this rank (nothing to sync)."""
-    from rlad_megatron.models.forward import run_schedule
-
+def reference_backward(model, batch, agg: str) -> tuple[list[dict], Grads]:
+    """The ground truth: the bare module at TP=1, PP=1, the gradient of the WHOLE batch's loss in one backward;
+    per-micro-batch metrics from the same loss on each MBS-row slice."""
     assert model.tp == 1 and model.pp == 1
     model.module.zero_grad(set_to_none=True)
-    metrics = run_schedule(model, model.module, micro, logprob_loss(model, GRAD_TEMPERATURE), forward_only=False)
+    loss, _ = batch_loss(model, batch, agg)
+    loss.backward()
+    with torch.no_grad():
+        metrics = [batch_loss(model, batch.select(slice(i, i + MBS)), agg)[1] for i in range(0, len(batch), MBS)]
     return metrics, hf_grads(model)
 
 
-def training_backward(model, micro: list[dict]) -> tuple[list[dict], Grads, float]:
-    """The training path of `update.update_policy`: `build_optimizer`'s DDP module, micro-batches split over
-    the student's DP ranks, `run_schedule` (1F1B when PP>1). Returns (this rank's metrics, the HF-named
-    gradients the optimizer would step on, max |padding-row grad|)."""
-    from rlad_megatron.models.forward import run_schedule, split_rows
+def training_backward(model, batch, agg: str) -> tuple[list[dict], Grads, float]:
+    """The real training path: `build_optimizer`'s DDP module and `step.update.accumulate_gradients` (micro-batches
+    split over the student's DP ranks, `run_schedule`, 1F1B when PP>1, exact loss normalisation). Returns (this
+    rank's metrics, the HF-named gradients the optimizer would step on, max |padding-row grad|)."""
     from rlad_megatron.optim import build_optimizer
+    from rlad_megatron.step.update import Policy, UpdateConfig, accumulate_gradients
 
-    ddp_module, optimizer, _ = build_optimizer(model, lr=1e-3, clip_grad=0.0)
-    ddp_module.zero_grad_buffer()
-    optimizer.zero_grad()
-    local = micro[split_rows(len(micro), model.pg.dp.size(), model.pg.dp.rank())]
-    metrics = run_schedule(model, ddp_module, local, logprob_loss(model, GRAD_TEMPERATURE), forward_only=False)
+    ddp_module, optimizer, scheduler = build_optimizer(model, lr=1e-3, clip_grad=0.0)
+    policy = Policy(model, ddp_module, optimizer, scheduler)
+    metrics = accumulate_gradients(policy, batch, UpdateConfig(micro_batch_size=MBS), loss_config(agg),
+                                   loss_context(model), where="models_worker")
     return metrics, hf_grads(model), padding_grad(model)
 
 
@@ -177,7 +201,7 @@ def grads_diff(got: Grads, ref: Grads) -> tuple[float, float]:
 def metrics_diff(got: list[dict], ref: list[dict], key: str) -> float:
     if len(got) != len(ref):
         return float("inf")
-    return max(max_diff(g[key], r[key]) for g, r in zip(got, ref, strict=True))
+    return max(abs(float(g[key]) - float(r[key])) for g, r in zip(got, ref, strict=True))
 
 
 def error_of(fn: Callable, *args, **kwargs) -> str:
@@ -214,18 +238,19 @@ def main(root: Path) -> None:
                                                                    with_entropy=True)
         return res
 
-    def check_training(model, name: str, prefix: str) -> None:
-        """Gradients (and per-micro-batch metrics) of the training path vs the TP=1/PP=1 reference."""
+    def check_training(model, name: str, prefix: str, agg: str = AGGS[0]) -> None:
+        """Gradients (and per-micro-batch metrics) of the training path vs the TP=1/PP=1 full-batch reference."""
         r = ref[name]
-        metrics, grads, pad_grad = training_backward(model, micro_batches(tokens[name]))
+        metrics, grads, pad_grad = training_backward(model, rollout_batch(tokens[name], r["old_logp"]), agg)
         key = f"{prefix}/{name}"
-        out[f"{key}/grad"], out[f"{key}/grad_rel"] = grads_diff(grads, r["grads"])
+        out[f"{key}/grad"], out[f"{key}/grad_rel"] = grads_diff(grads, r["grads"][agg])
         out[f"{key}/pad_grad"] = pad_grad
         if model.is_last_stage:
-            mine = r["metrics"][split_rows(len(r["metrics"]), model.pg.dp.size(), model.pg.dp.rank())]
+            ref_metrics = r["metrics"][agg]
+            mine = ref_metrics[split_rows(len(ref_metrics), model.pg.dp.size(), model.pg.dp.rank())]
             out[f"{key}/num_metrics"] = len(metrics) * model.pg.dp.size()
             out[f"{key}/loss"] = metrics_diff(metrics, mine, "loss")
-            out[f"{key}/logp_metric"] = metrics_diff(metrics, mine, "logp")
+            out[f"{key}/entropy_metric"] = metrics_diff(metrics, mine, "entropy")
 
     # ---------------- 1. TP=1, PP=1 (DP=2): references; the teacher beside the student
     ref: dict[str, dict] = {}
@@ -233,15 +258,21 @@ def main(root: Path) -> None:
         model = load(name, root)
         tok = tokens[name]
         r = {"logits": full_logits(model, tok)[..., :model.spec.vocab_size], **scores(model, tok)}
-        r["metrics"], r["grads"] = reference_backward(model, micro_batches(tok))
+        r["old_logp"] = r[f"logp_T{GRAD_TEMPERATURE}"] - 0.1
+        r["metrics"], r["grads"] = {}, {}
+        for agg in AGGS:
+            r["metrics"][agg], r["grads"][agg] = reference_backward(model, rollout_batch(tok, r["old_logp"]), agg)
+        grads = r["grads"][AGGS[0]]
         out[f"ref/{name}/pad_grad"] = padding_grad(model)
-        zero = [k for k, g in r["grads"].items() if not g.abs().sum() > 0]
+        zero = [k for k, g in grads.items() if not g.abs().sum() > 0]
         out[f"ref/{name}/zero_grads"] = ",".join(zero)
-        out[f"ref/{name}/grad_tensors"] = len(r["grads"])
-        out[f"ref/{name}/grad_scale"] = max(float(g.abs().max()) for g in r["grads"].values())
+        out[f"ref/{name}/grad_tensors"] = len(grads)
+        out[f"ref/{name}/grad_scale"] = max(float(g.abs().max()) for g in grads.values())
         out[f"ref/{name}/logp_range"] = float(r["logp_T1.0"].max() - r["logp_T1.0"].min())
+        out[f"ref/{name}/agg_grads_differ"] = grads_diff(r["grads"]["token-mean"], grads)[1]
         ref[name] = r
         check_training(load(name, root), name, "dp")  # the training path at TP=1, DP=2
+        check_training(load(name, root), name, "dp_token_mean", "token-mean")
 
     name = "qwen2_tied"
     tok = tokens[name]
@@ -262,8 +293,8 @@ def main(root: Path) -> None:
                                                   for p in teacher.module.parameters())
     # the student still runs at TP=1 in the same processes: same logits, and it trains (the teacher stays out)
     out["teacher/student_logits_after"] = max_diff(full_logits(student, tok), student_logits)
-    _, grads = reference_backward(student, micro_batches(tok))
-    out["teacher/student_grad_after"] = grads_diff(grads, ref[name]["grads"])[0]
+    _, grads = reference_backward(student, rollout_batch(tok, ref[name]["old_logp"]), AGGS[0])
+    out["teacher/student_grad_after"] = grads_diff(grads, ref[name]["grads"][AGGS[0]])[0]
     out["teacher/no_grad_after_student_backward"] = all(p.grad is None for p in teacher.module.parameters())
     # check_frozen can fail: a trainable parameter, a gradient, training mode
     p0 = next(teacher.module.parameters())

@@ -19,18 +19,20 @@ BASE = ["--prompt-data", "builtin:addition", "--no-chat-template", "--train-size
 
 # (name, extra flags, student TP, student PP, metric keys that must be logged)
 CASES = [
-    ("grpo_tp1", ["--algo", "grpo"], 1, 1, ["clip_frac_high", "ratio_mean"]),
+    ("grpo_tp1", ["--algo", "grpo"], 1, 1, ["actor/clip_frac_high", "actor/ratio_mean"]),
     ("rlad_tp1_teacher_tp2", ["--algo", "rlad", "--teacher-tensor-model-parallel-size", "2",
-                              "--num-updates-per-rollout", "2"], 1, 1, ["gate_blocked_pos", "teacher_clamp_frac"]),
-    ("kdrl_tp2", ["--algo", "kdrl", "--kl-estimator", "k3", "--kl-coef", "0.1"], 2, 1, ["kl_teacher"]),
-    ("gkd_tp2", ["--algo", "gkd", "--gkd-divergence", "jsd", "--gkd-rl-coef", "1.0"], 2, 1, ["rl/ratio_mean"]),
+                              "--num-updates-per-rollout", "2"], 1, 1,
+     ["actor/gate_blocked_pos", "actor/teacher_clamp_frac"]),
+    ("kdrl_tp2", ["--algo", "kdrl", "--kl-estimator", "k3", "--kl-coef", "0.1"], 2, 1, ["actor/kl_teacher"]),
+    ("gkd_tp2", ["--algo", "gkd", "--gkd-divergence", "jsd", "--gkd-rl-coef", "1.0"], 2, 1, ["actor/rl/ratio_mean"]),
     ("sft_teacher_tp1", ["--algo", "sft", "--sft-source", "teacher", "--reward", "tests.loop_rewards:length_parity"],
-     1, 1, ["nll"]),
+     1, 1, ["actor/nll"]),
     ("rlad_tp2", ["--algo", "rlad", "--teacher-tensor-model-parallel-size", "1", "--dynamic-sampling",
-                  "--ref-kl-coef", "0.1", "--num-updates-per-rollout", "2"], 2, 1, ["gate_enabled_neg", "kl_ref"]),
-    ("grpo_pp2", ["--algo", "grpo", "--loss-agg", "token-mean"], 1, 2, ["clip_frac_low"]),
+                  "--ref-kl-coef", "0.1", "--num-updates-per-rollout", "2"], 2, 1,
+     ["actor/gate_enabled_neg", "actor/kl_ref"]),
+    ("grpo_pp2", ["--algo", "grpo", "--loss-agg", "token-mean"], 1, 2, ["actor/clip_frac_low"]),
     ("rlad_pp2_teacher_pp2", ["--algo", "rlad", "--teacher-tensor-model-parallel-size", "1",
-                              "--teacher-pipeline-model-parallel-size", "2"], 1, 2, ["log_ratio_teacher_mean"]),
+                              "--teacher-pipeline-model-parallel-size", "2"], 1, 2, ["actor/log_ratio_teacher_mean"]),
 ]
 
 
@@ -49,18 +51,19 @@ def main() -> None:
         train(args)
         platform.barrier()
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        steps = [r for r in rows if "loss" in r]
+        steps = [r for r in rows if "actor/loss" in r]
         assert [r["step"] for r in steps] == [1, 2], (name, rows)
         for r in steps:
-            for k in ["loss", "grad_norm", *keys]:
+            for k in ["actor/loss", "actor/grad_norm", *keys]:
                 assert k in r and math.isfinite(r[k]), (name, k, r)
-            if "sync/probe_logp_max_diff" in r:
-                assert r["sync/probe_logp_max_diff"] < 1e-4, (name, r["sync/probe_logp_max_diff"])
+            if "rollout/sync_probe_logp_max_diff" in r:
+                assert r["rollout/sync_probe_logp_max_diff"] < 1e-4, (name, r["rollout/sync_probe_logp_max_diff"])
             if "rollout/logp_gap_abs" in r:  # engine vs Megatron log-probs of the same weights
                 assert r["rollout/logp_gap_abs"] < 1e-4, (name, r["rollout/logp_gap_abs"])
-        assert any(r["grad_norm"] > 0 for r in steps), (name, "no gradient reached the student")
+        assert any(r["actor/grad_norm"] > 0 for r in steps), (name, "no gradient reached the student")
         if platform.is_rank0():
-            print(f"CASE {name} OK loss={steps[-1]['loss']:.4g} grad_norm={steps[-1]['grad_norm']:.3g}", flush=True)
+            print(f"CASE {name} OK loss={steps[-1]['actor/loss']:.4g} grad_norm={steps[-1]['actor/grad_norm']:.3g}",
+                  flush=True)
     platform.shutdown()
 
 

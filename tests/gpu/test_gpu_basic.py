@@ -72,7 +72,7 @@ def test_frozen_tag_reuses_its_cpu_copy(megatron, tiny_hf_dir, kit):
 
 
 def test_block_fp8_on_cuda_matches_cpu():
-    from rlad_megatron.fp8 import dequantize_block_fp8, quantize_block_fp8
+    from rlad_megatron.rollout.sglang.fp8_weights import dequantize_block_fp8, quantize_block_fp8
 
     w = torch.randn(1000, 700, dtype=torch.bfloat16)
     qc, sc = quantize_block_fp8(w)

@@ -58,7 +58,7 @@ def test_fp8_train_steps(megatron, tiny_hf_dir, kit, recipe):
 def test_rollout_fp8_weights_from_a_real_export(megatron, tiny_hf_dir, kit):
     """Megatron -> HF export -> block-FP8 (weight + weight_scale_inv): shapes and reconstruction error."""
     from rlad_megatron.convert import export_hf_weights
-    from rlad_megatron.fp8 import dequantize_block_fp8, quantize_named_tensors
+    from rlad_megatron.rollout.sglang.fp8_weights import dequantize_block_fp8, quantize_named_tensors
 
     model = kit.build_student(tiny_hf_dir, dtype=torch.bfloat16, use_te=False)
     named = [(n, t.clone()) for n, t in export_hf_weights(model, torch.bfloat16)]

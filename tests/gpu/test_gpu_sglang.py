@@ -20,7 +20,7 @@ def test_colocated_generate_train_sync_parity(megatron, tiny_hf_dir, kit):
     from rlad_megatron.models.forward import compute_logprobs
     from rlad_megatron.offload import Offloader, to_rollout, to_training
     from rlad_megatron.rollout.base import SamplingParams
-    from rlad_megatron.rollout.sglang_engine import SGLangEngine, check_logprob_parity
+    from rlad_megatron.rollout.sglang.engine import SGLangEngine, check_logprob_parity
     from rlad_megatron.rollout.weight_sync import push_weights
 
     student = kit.build_student(tiny_hf_dir, dtype=torch.bfloat16, use_te=te_available())

@@ -12,7 +12,7 @@ import torch
 
 from rlad_megatron.offload import Offloader, offload_storages, onload_storages, tensors_of, to_rollout, to_training
 from rlad_megatron.rollout.base import SamplingParams, WeightUpdateError
-from rlad_megatron.rollout.sglang_args import (
+from rlad_megatron.rollout.sglang.args import (
     add_sglang_args,
     parse_sglang_argv,
     parse_version,
@@ -20,7 +20,7 @@ from rlad_megatron.rollout.sglang_args import (
     sglang_available,
     sglang_kwargs_from_args,
 )
-from rlad_megatron.rollout.sglang_engine import (
+from rlad_megatron.rollout.sglang.engine import (
     LogprobParityError,
     SGLangEngine,
     check_logprob_parity,
@@ -28,8 +28,8 @@ from rlad_megatron.rollout.sglang_engine import (
     rollout_from_output,
     sampling_dict,
 )
-from rlad_megatron.rollout.sglang_io import _tail_logprobs
-from rlad_megatron.rollout.sglang_remote import _wait_all
+from rlad_megatron.rollout.sglang.io import _tail_logprobs
+from rlad_megatron.rollout.sglang.remote import _wait_all
 
 no_sglang = pytest.mark.skipif(sglang_available(), reason="checks behaviour without sglang installed")
 
@@ -149,7 +149,7 @@ def test_check_logprob_parity():
 
 PEER = """
 import sys, torch
-from rlad_megatron.rollout.sglang_engine import init_weight_group
+from rlad_megatron.rollout.sglang.engine import init_weight_group
 pg = init_weight_group("gloo", "127.0.0.1", int(sys.argv[1]), 2, 1, "unit_group", 60, prefer_sglang=False)
 t = torch.zeros(4)
 torch.distributed.broadcast(t, src=0, group=pg)

@@ -19,15 +19,15 @@ import sglang
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rlad_megatron.rollout.base import RolloutEngine, SamplingParams, WeightUpdateError
-from rlad_megatron.rollout.sglang_args import parse_version
-from rlad_megatron.rollout.sglang_engine import (
+from rlad_megatron.rollout.sglang.args import parse_version
+from rlad_megatron.rollout.sglang.engine import (
     LogprobParityError,
     ServerProcess,
     SGLangEngine,
     check_logprob_parity,
     tail_logprobs,
 )
-from rlad_megatron.rollout.sglang_remote import SESSION_MIN_VERSION
+from rlad_megatron.rollout.sglang.remote import SESSION_MIN_VERSION
 from rlad_megatron.rollout.weight_sync import push_weights
 
 torch.set_num_threads(1)

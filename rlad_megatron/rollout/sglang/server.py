@@ -14,8 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from rlad_megatron.rollout.sglang_args import server_cli_argv
-from rlad_megatron.rollout.sglang_transport import EngineDiedError
+from rlad_megatron.rollout.sglang.args import server_cli_argv
+from rlad_megatron.rollout.sglang.transport import EngineDiedError
 
 
 def free_port() -> int:

@@ -8,7 +8,10 @@ from contextlib import contextmanager
 import torch
 
 from rlad_megatron.batch import RolloutBatch
-from rlad_megatron.update import NonFiniteError
+
+
+class NonFiniteError(RuntimeError):
+    """A reward, log-prob, loss or gradient of a step is NaN/inf; raised on every rank together."""
 
 
 class PhaseTimer:
@@ -38,13 +41,13 @@ def check_finite(x: torch.Tensor, mask: torch.Tensor, what: str, step: int) -> N
                              f"position {col}); lower --lr or check the checkpoint")
 
 
-def batch_diagnostics(batch: RolloutBatch) -> dict:
+def rollout_gap(batch: RolloutBatch) -> dict:
     """Train-vs-rollout log-prob gap: engine vs Megatron for the same weights."""
     m = batch.response_mask > 0
     return {"rollout/logp_gap_abs": float((batch.old_logp - batch.rollout_logp)[m].abs().mean())}
 
 
-def teacher_diagnostics(batch: RolloutBatch) -> dict:
+def teacher_gap(batch: RolloutBatch) -> dict:
+    """Mean log pi_S - log pi_T over the student's own tokens (how far the student is from the teacher)."""
     m = batch.response_mask > 0
     return {"teacher/logp_student_minus_teacher": float((batch.old_logp - batch.teacher_logp)[m].mean())}
-

@@ -33,13 +33,13 @@ from rlad_megatron.rollout.base import (
     WeightUpdateError,
     check_score_args,
 )
-from rlad_megatron.rollout.sglang_args import sglang_kwargs_from_args
-from rlad_megatron.rollout.sglang_colocated import LocalTransport, require_sglang
-from rlad_megatron.rollout.sglang_io import _tail_logprobs, rollout_from_output, sampling_dict
-from rlad_megatron.rollout.sglang_parity import LogprobParityError, check_logprob_parity, tail_logprobs
-from rlad_megatron.rollout.sglang_remote import HTTPTransport, init_weight_group
-from rlad_megatron.rollout.sglang_server import ServerProcess, wait_until_healthy
-from rlad_megatron.rollout.sglang_transport import EngineDiedError, Transport
+from rlad_megatron.rollout.sglang.args import sglang_kwargs_from_args
+from rlad_megatron.rollout.sglang.colocated import LocalTransport, require_sglang
+from rlad_megatron.rollout.sglang.io import _tail_logprobs, rollout_from_output, sampling_dict
+from rlad_megatron.rollout.sglang.parity import LogprobParityError, check_logprob_parity, tail_logprobs
+from rlad_megatron.rollout.sglang.remote import HTTPTransport, init_weight_group
+from rlad_megatron.rollout.sglang.server import ServerProcess, wait_until_healthy
+from rlad_megatron.rollout.sglang.transport import EngineDiedError, Transport
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.f
 class SGLangEngine:
     """`RolloutEngine` over SGLang. Build with `SGLangEngine.colocated(...)` or `SGLangEngine.remote(...)`.
 
-    `fp8_block`: push block-FP8 weights (`rlad_megatron.fp8.quantize_named_tensors`) to an engine launched with an
+    `fp8_block`: push block-FP8 weights (`rlad_megatron.rollout.sglang.fp8_weights.quantize_named_tensors`) to an engine launched with an
     FP8 `quantization_config`. `on_restart(engine)`: called after the engine died and was restarted once (re-push
     the weights there); without it a restart with non-initial weights raises, since the rollouts would be stale.
     """
@@ -242,7 +242,7 @@ class SGLangEngine:
         if not named:
             return
         if self.fp8_block is not None:
-            from rlad_megatron.fp8 import quantize_named_tensors
+            from rlad_megatron.rollout.sglang.fp8_weights import quantize_named_tensors
 
             named = quantize_named_tensors(named, block=self.fp8_block)
         try:
@@ -324,12 +324,12 @@ def make_sglang_engine(args, model_dir: str | os.PathLike | None = None) -> SGLa
 
     Colocated: starts from `load_format="dummy"` (real weights arrive through the first sync), in the training
     dtype; `--sglang-*` flags override any default. `--rollout-fp8`: block-FP8 weights pushed to an engine whose
-    model dir carries an FP8 `quantization_config` (`fp8.prepare_fp8_model_dir`).
+    model dir carries an FP8 `quantization_config` (`fp8_weights.prepare_fp8_model_dir`).
     """
     kwargs = sglang_kwargs_from_args(args)
     fp8_block = None
     if getattr(args, "rollout_fp8", False):
-        from rlad_megatron.fp8 import prepare_fp8_model_dir
+        from rlad_megatron.rollout.sglang.fp8_weights import prepare_fp8_model_dir
 
         fp8_block = tuple(getattr(args, "rollout_fp8_block", (128, 128)))
         if model_dir is not None:

@@ -9,7 +9,7 @@ import statistics
 import time
 from pathlib import Path
 
-from rlad_megatron.reproduce_recipe import DIAGNOSTICS, METHOD_LABEL, TUNE_BUDGET, Recipe, run_dir
+from rlad_megatron.reproduce.recipe import DIAGNOSTICS, METHOD_LABEL, TUNE_BUDGET, Recipe, run_dir
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -85,7 +85,7 @@ def plot(data: dict, r: Recipe, path: Path) -> None:
         ax = axes[0]
         ax.plot(steps, mean, marker="o", ms=3, color=colors[method], label=METHOD_LABEL[method])
         ax.fill_between(steps, lo, hi, color=colors[method], alpha=0.18)
-        for key, ax in (("reward/mean", axes[1]), ("rollout/zero_adv_group_frac", axes[2])):
+        for key, ax in (("rollout/reward_mean", axes[1]), ("rollout/zero_adv_group_frac", axes[2])):
             if method == "sft":
                 continue
             series = []
@@ -184,6 +184,7 @@ def diagnostics_text(data: dict, r: Recipe) -> list[str]:
     runs, seeds = data["runs"], r.seeds
 
     def avg(m: str, key: str, part: str = "diag") -> float | None:
+        key = key if key in DIAGNOSTICS else f"actor/{key}"  # loss metrics are logged under actor/
         vals = [runs[(m, s)][part][key] for s in seeds if runs[(m, s)][part][key] is not None]
         return statistics.fmean(vals) if vals else None
 

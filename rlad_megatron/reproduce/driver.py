@@ -43,10 +43,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rlad_megatron.reproduce_recipe import (
-    DIAGNOSTICS,
+from rlad_megatron.reproduce.recipe import (
     ENV,
-    METHOD_LABEL,
     METHODS,
     QUICK,
     ROOT,
@@ -60,7 +58,7 @@ from rlad_megatron.reproduce_recipe import (
     rl_command,
     run_dir,
 )
-from rlad_megatron.reproduce_report import (
+from rlad_megatron.reproduce.report import (
     collect,
     eval_curve,
     mean_of,
@@ -69,9 +67,6 @@ from rlad_megatron.reproduce_report import (
     tuning_table,
     write_report,
 )
-
-# the comparison's names, importable from the entry module (tests/test_reproduce.py does)
-__all__ = ["DIAGNOSTICS", "METHODS", "METHOD_LABEL", "QUICK", "ROOT", "Recipe", "main", "pair_commands"]
 
 # ------------------------------------------------------------------------------------------------ running
 
@@ -332,6 +327,3 @@ def finish(out: Path, pair: Path, r: Recipe, meta: dict, stages: dict, *, quick:
     print(f"[reproduce] done in {meta['wall_s'] / 60:.1f} min: {md}" + ("" if quick else f" -> {docs}"), flush=True)
     return summary
 
-
-if __name__ == "__main__":
-    main()

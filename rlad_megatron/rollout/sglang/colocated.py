@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from rlad_megatron.rollout.sglang_args import import_sglang, parse_version
-from rlad_megatron.rollout.sglang_transport import check_result
+from rlad_megatron.rollout.sglang.args import import_sglang, parse_version
+from rlad_megatron.rollout.sglang.transport import check_result
 
 INSTALL_HINT = (
     "SGLang is not importable here. On a GPU machine: pip install -e .[gpu] (sglang, sglang-router, "

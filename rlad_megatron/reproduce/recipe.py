@@ -7,27 +7,27 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("grpo", "kdrl", "rlad", "sft")
 METHOD_LABEL = {"grpo": "GRPO", "kdrl": "KDRL", "rlad": "RLAD (TRRD, alpha 0.5)",
                 "sft": "SFT distillation (teacher traces)"}
 ENV = {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore"}
 # the diagnostics averaged per method over all logged steps (metric key -> report label)
 DIAGNOSTICS = {
-    "reward/mean": "train reward (T=1)",
+    "rollout/reward_mean": "train reward (T=1)",
     "rollout/zero_adv_group_frac": "zero-adv. groups",
-    "zero_adv_frac": "zero-adv. tokens",
-    "ratio_mean": "mean ratio r",
-    "clip_frac_low": "clip low",
-    "clip_frac_high": "clip high",
-    "gate_blocked_pos": "gate blocked A>0",
-    "gate_blocked_neg": "gate blocked A<0",
-    "gate_enabled_pos": "gate enabled A>0",
-    "gate_enabled_neg": "gate enabled A<0",
-    "teacher_clamp_frac": "teacher clamp",
-    "log_ratio_teacher_mean": "log pi_S/pi_T",
-    "kl_teacher": "KL(S‖T) k2",
-    "entropy": "entropy",
+    "actor/zero_adv_frac": "zero-adv. tokens",
+    "actor/ratio_mean": "mean ratio r",
+    "actor/clip_frac_low": "clip low",
+    "actor/clip_frac_high": "clip high",
+    "actor/gate_blocked_pos": "gate blocked A>0",
+    "actor/gate_blocked_neg": "gate blocked A<0",
+    "actor/gate_enabled_pos": "gate enabled A>0",
+    "actor/gate_enabled_neg": "gate enabled A<0",
+    "actor/teacher_clamp_frac": "teacher clamp",
+    "actor/log_ratio_teacher_mean": "log pi_S/pi_T",
+    "actor/kl_teacher": "KL(S‖T) k2",
+    "actor/entropy": "entropy",
 }
 
 

@@ -22,9 +22,9 @@ from urllib.parse import urlparse
 import torch
 
 from rlad_megatron.rollout.base import WeightUpdateError
-from rlad_megatron.rollout.sglang_args import parse_version
-from rlad_megatron.rollout.sglang_server import ServerProcess, free_port
-from rlad_megatron.rollout.sglang_transport import EngineDiedError, check_result
+from rlad_megatron.rollout.sglang.args import parse_version
+from rlad_megatron.rollout.sglang.server import ServerProcess, free_port
+from rlad_megatron.rollout.sglang.transport import EngineDiedError, check_result
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,3 @@
+from rlad_megatron.reproduce.driver import main
+
+main()
