@@ -34,7 +34,7 @@ def needs_teacher(args: Namespace) -> bool:
 
 def check_layout(args: Namespace, world: int) -> int:
     """Student TP*PP*CP and teacher TP*PP divide `world`; each update's batch splits over DP ranks into micro-batches
-    (the rule of `update.update_policy`). Returns DP."""
+    (the rule of `step.update.micro_batches`). Returns DP."""
     tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
     t_tp, t_pp = args.teacher_tensor_model_parallel_size or tp, args.teacher_pipeline_model_parallel_size
     if world % (tp * pp * cp):
@@ -52,7 +52,7 @@ def check_layout(args: Namespace, world: int) -> int:
                         f"{args.n_samples_per_prompt} / --num-updates-per-rollout {args.num_updates_per_rollout} = "
                         f"{per_update} sequences per update do not split over the data-parallel size {dp}")
     per_rank = per_update // dp
-    mbs = min(args.micro_batch_size, per_rank)  # as update.update_policy: a larger micro-batch is clamped
+    mbs = min(args.micro_batch_size, per_rank)  # as step.update.micro_batches: a larger micro-batch is clamped
     if per_rank % mbs:
         raise UserError(f"--micro-batch-size {args.micro_batch_size}: {per_rank} sequences per data-parallel rank are "
                         f"not divisible by it")
