@@ -97,7 +97,7 @@ def check_prompt_source(flag: str, source: str) -> str:
     from rlad_megatron.data.prompts import load_prompt_file
 
     if source.startswith("builtin:"):
-        from rlad_megatron.data.tasks import check_task_name
+        from rlad_megatron.data.generators import check_task_name
 
         task = source.split(":", 1)[1]
         with as_user_error(flag=f"{flag} {source}:"):
