@@ -135,7 +135,7 @@ def _json_error(f) -> str:
     try:
         json.loads(f["bad_jsonl"].read_text().splitlines(keepends=True)[1])
     except json.JSONDecodeError as e:
-        return f"{e.msg} at column {e.colno}"
+        return f"{e.msg.removesuffix(' at')} at column {e.colno}"
     raise AssertionError
 
 
@@ -282,7 +282,8 @@ def test_torchrun_only_rank0_prints(f, tmp_path):
     logs = tmp_path / "logs"
     p = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--log-dir",
               str(logs), "--redirects", "3", "-m", "rlad_megatron.train",
-              *train(f, "--prompt-data", str(f["bad_jsonl"]))])
+              *train(f, "--prompt-data", str(f["bad_jsonl"]))],
+             env={"RLAD_ERROR_GRACE_S": "300"})  # ranks reach the check far apart on a loaded CI box
     assert p.returncode != 0
     assert "exitcode  : 2" in p.stderr and "ChildFailedError" in p.stderr, p.stderr[-3000:]
     rank_err = {int(d.name): (d / "stderr.log").read_text() for d in logs.glob("*/attempt_0/*")}

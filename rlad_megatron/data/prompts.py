@@ -123,7 +123,8 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise PromptFileError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                    msg = e.msg.removesuffix(" at")  # "Invalid control character at" + " at column N"
+                    raise PromptFileError(f"{where}: invalid JSON ({msg} at column {e.colno})") from None
                 yield where, row
         except UnicodeDecodeError:
             raise PromptFileError(f"{path}:{lineno + 1}: not UTF-8 text (expected JSON lines)") from None
