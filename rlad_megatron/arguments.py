@@ -10,6 +10,7 @@ import argparse
 import ast
 import dataclasses
 
+from rlad_megatron.rewards.scorer import DEFAULT_TIMEOUT_S
 from rlad_megatron.step.algos import ALGOS
 from rlad_megatron.step.build import TC_PREFIX
 
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reward", default=None, help="registry name or module.path:function (default: the task's)")
     g.add_argument("--format-reward", type=float, default=0.0)
     g.add_argument("--reward-workers", type=int, default=0, help="process pool size (0 = inline)")
+    g.add_argument("--reward-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds one sample's reward may take; slower ones score 0 and are counted (0 = no limit)")
 
     g = p.add_argument_group("evaluation, checkpoints, logging")
     g.add_argument("--eval-interval", type=int, default=0)

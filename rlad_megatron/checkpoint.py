@@ -10,6 +10,9 @@ rlad_meta.json      model identity (HF config, spec, padded vocab) + layout it w
 ```
 `save_dir/latest` holds the step of the newest complete checkpoint.
 
+Directory layout, completeness checks and resume resolution (files only, no torch model) live in
+`checkpoint_dirs`.
+
 Atomicity: every rank writes into `save_dir/.tmp_iter_{step:07d}/`; after a barrier rank 0 renames it to
 `iter_{step:07d}` (one `rename`) and only then replaces `latest` (temp file + `os.replace`). A crash at
 any moment leaves the previous checkpoint and `latest` intact; an `iter_*` directory is complete by
@@ -27,7 +30,6 @@ import io
 import json
 import os
 import random
-import re
 import shutil
 import time
 import warnings
@@ -39,22 +41,38 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 from rlad_megatron import platform
+from rlad_megatron.checkpoint_dirs import (  # noqa: F401 - re-exported: the checkpoint API lives here
+    DELETE_PREFIX,
+    DIST_DIR,
+    FORMAT_VERSION,
+    LATEST_FILE,
+    META_FILE,
+    RNG_DIR,
+    SCHEDULER_FILE,
+    TMP_PREFIX,
+    TRAIN_STATE_FILE,
+    CheckpointError,
+    check_complete,
+    checkpoint_dir,
+    completeness_problem,
+    iter_dir_name,
+    list_checkpoints,
+    read_latest,
+    resolve_resume,
+    resolve_step,
+)
+from rlad_megatron.checkpoint_optim import (
+    is_distributed_optimizer,
+    load_optimizer_state,
+    optimizer_kind,
+    prime_torch_adam_state,
+)
 from rlad_megatron.models.builder import Model
 
-FORMAT_VERSION = 1
-LATEST_FILE = "latest"
-DIST_DIR = "dist"
-RNG_DIR = "rng"
-META_FILE = "rlad_meta.json"
-TRAIN_STATE_FILE = "train_state.json"
-SCHEDULER_FILE = "scheduler.json"
-TMP_PREFIX = ".tmp_"
-DELETE_PREFIX = ".del_"
 # test hook: seconds rank 0 sleeps after all ranks finished writing and before the rename
 SLEEP_BEFORE_RENAME_ENV = "RLAD_CKPT_TEST_SLEEP_BEFORE_RENAME"
 DEFAULT_OPTIM_SHARDING = "fully_reshardable"
 OPTIM_SHARDING_TYPES = ("fully_reshardable", "dp_reshardable", "fully_sharded_model_space")
-_ITER_RE = re.compile(r"^iter_(\d{7,})$")
 # ModelSpec fields that must agree between a checkpoint and the model it is loaded into
 _IDENTITY_FIELDS = (
     "family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
@@ -63,57 +81,9 @@ _IDENTITY_FIELDS = (
 )
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or belongs to another model."""
-
-
 # --------------------------------------------------------------------------------------------------
-# directory helpers
+# writing helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def iter_dir_name(step: int) -> str:
-    return f"iter_{step:07d}"
-
-
-def checkpoint_dir(save_dir: str | Path, step: int) -> Path:
-    return Path(save_dir) / iter_dir_name(step)
-
-
-def list_checkpoints(save_dir: str | Path) -> list[int]:
-    """Steps of the complete checkpoints under `save_dir`, ascending."""
-    root = Path(save_dir)
-    if not root.is_dir():
-        return []
-    steps = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER_RE.match(p.name))]
-    return sorted(steps)
-
-
-def read_latest(save_dir: str | Path) -> int | None:
-    """The step in `save_dir/latest`, or None when there is no pointer file."""
-    path = Path(save_dir) / LATEST_FILE
-    if not path.exists():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise CheckpointError(f"{path}: expected a step number, found {text!r}")
-    return int(text)
-
-
-def resolve_step(load_dir: str | Path) -> int | None:
-    """The step to resume from: `latest` if its directory exists, else the newest `iter_*` (with a
-    warning), else None."""
-    step = read_latest(load_dir)
-    if step is not None and checkpoint_dir(load_dir, step).is_dir():
-        return step
-    steps = list_checkpoints(load_dir)
-    if step is not None:
-        warnings.warn(
-            f"{Path(load_dir) / LATEST_FILE} points to step {step} but {checkpoint_dir(load_dir, step)} does not "
-            f"exist; using the newest complete checkpoint {steps[-1] if steps else None}",
-            stacklevel=2,
-        )
-    return steps[-1] if steps else None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -248,80 +218,6 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _inner_torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
-    out = []
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
-            out.append(inner)
-    return out
-
-
-def _prime_torch_adam_state(optimizer) -> None:
-    """Give every param of a torch (Adam|AdamW) optimizer the state torch's first step would create
-    (step 0, zero moments). Megatron's DistributedOptimizer cannot build its state dict without it
-    (no apex/TE: it reads `state[p]["step"]`); the result is numerically a fresh optimizer."""
-    for opt in _inner_torch_optimizers(optimizer):
-        for group in opt.param_groups:
-            on_device = group.get("capturable") or group.get("fused")
-            for p in group["params"]:
-                state = opt.state[p]
-                if "step" not in state:
-                    dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
-                    state["step"] = torch.zeros((), dtype=dtype, device=p.device if on_device else "cpu")
-                for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ()):
-                    if key not in state:
-                        state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-
-
-def _optimizer_kind(optimizer) -> str | None:
-    """Megatron optimizer class (they save different state layouts), e.g. 'DistributedOptimizer'."""
-    if optimizer is None:
-        return None
-    return "+".join(type(o).__name__ for o in getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-def _is_distributed_optimizer(optimizer) -> bool:
-    if optimizer is None:
-        return False
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
-_PARAM_STATE_LOADERS = {
-    "fully_reshardable": "load_parameter_state_from_fully_reshardable",
-    "dp_reshardable": "load_parameter_state_from_dp_reshardable",
-    "fully_sharded_model_space": "load_parameter_state_from_fs_model_space",
-}
-
-
-def _load_optimizer_state(optimizer, state) -> None:
-    """`optimizer.load_state_dict(state)`, except for a DistributedOptimizer over torch Adam: megatron-core
-    0.16 then fails on the per-param `step` (KeyError in `_set_main_param_and_optimizer_states` for the
-    fully_reshardable / model-space formats), so its param state is loaded with `step` set aside; `step`
-    itself comes from the param groups, as Megatron intends."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    opts = getattr(optimizer, "chained_optimizers", [optimizer])
-    states = [state] if len(opts) == 1 else [state[k] for k in sorted(state)]
-    for opt, sd in zip(opts, states, strict=True):
-        if not (isinstance(opt, DistributedOptimizer) and _inner_torch_optimizers(opt) and "param_state" in sd):
-            opt.load_state_dict(sd)
-            continue
-        sd = dict(sd)
-        param_state, kind = sd.pop("param_state"), sd.pop("param_state_sharding_type")
-        opt.load_state_dict(sd)  # param groups + step (shared by all params: fixed by the caller)
-        steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
-        try:
-            getattr(opt, _PARAM_STATE_LOADERS[kind])(param_state)
-        finally:
-            for p, step in steps.items():
-                opt.optimizer.state[p]["step"] = step
-    if len(opts) > 1:
-        optimizer._synchronize_steps()
-
-
 def _sharded_metadata(optim_sharding_type: str) -> dict:
     return {
         "format_version": FORMAT_VERSION,
@@ -359,8 +255,8 @@ def save_checkpoint(
     train_state["step"] = step
     # serialise on every rank before any collective so a bad value fails everywhere, not just on rank 0
     meta = model_meta(model)
-    meta["optimizer"] = _optimizer_kind(optimizer)
-    meta["optim_sharding_type"] = optim_sharding_type if _is_distributed_optimizer(optimizer) else None
+    meta["optimizer"] = optimizer_kind(optimizer)
+    meta["optim_sharding_type"] = optim_sharding_type if is_distributed_optimizer(optimizer) else None
     json_files = {TRAIN_STATE_FILE: train_state, META_FILE: json.loads(json.dumps(meta, default=str))}
     if scheduler is not None:
         json_files[SCHEDULER_FILE] = scheduler.state_dict()
@@ -380,7 +276,7 @@ def save_checkpoint(
     model_sd = model.module.sharded_state_dict(metadata=sd_metadata)
     state = {"model": model_sd}
     if optimizer is not None:
-        _prime_torch_adam_state(optimizer)
+        prime_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, metadata=sd_metadata)
     dist_checkpointing.save(state, str(tmp / DIST_DIR), content_metadata=sd_metadata)
     buf = _to_bytes(_rng_state())
@@ -438,6 +334,7 @@ def load_checkpoint(
     ckpt = checkpoint_dir(load_dir, step)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt}: no such checkpoint (have steps {list_checkpoints(load_dir)})")
+    check_complete(ckpt)
     saved_meta = check_meta(ckpt / META_FILE, model)
     content = dist_checkpointing.load_content_metadata(str(ckpt / DIST_DIR)) or {}
     sd_metadata = _sharded_metadata(content.get("distrib_optim_sharding_type", DEFAULT_OPTIM_SHARDING))
@@ -446,15 +343,15 @@ def load_checkpoint(
     state = {"model": model_sd}
     if optimizer is not None:
         _check_optimizer_compat(ckpt, saved_meta, model, optimizer, sd_metadata)
-        _prime_torch_adam_state(optimizer)
+        prime_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=sd_metadata)
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, str(ckpt / DIST_DIR))
         model.module.load_state_dict(loaded["model"])
         if optimizer is not None:
-            _load_optimizer_state(optimizer, loaded["optimizer"])
+            load_optimizer_state(optimizer, loaded["optimizer"])
             platform.fix_shared_optimizer_step(optimizer)
-            _prime_torch_adam_state(optimizer)  # a step-0 save has no `step` entries
+            prime_torch_adam_state(optimizer)  # a step-0 save has no `step` entries
 
     if scheduler is not None:
         path = ckpt / SCHEDULER_FILE
@@ -469,7 +366,7 @@ def load_checkpoint(
 
 def _check_optimizer_compat(ckpt: Path, saved_meta: dict, model: Model, optimizer, sd_metadata: dict) -> None:
     """Clear errors for optimizer states that cannot load here (megatron would fail with a KeyError)."""
-    saved_kind, kind = saved_meta.get("optimizer"), _optimizer_kind(optimizer)
+    saved_kind, kind = saved_meta.get("optimizer"), optimizer_kind(optimizer)
     if saved_kind != kind:
         raise CheckpointError(
             f"{ckpt / META_FILE}: the checkpoint's optimizer state is {saved_kind or 'absent'}, this run's optimizer "
@@ -478,7 +375,7 @@ def _check_optimizer_compat(ckpt: Path, saved_meta: dict, model: Model, optimize
         )
     saved = saved_meta["saved_layout"]
     sharding = sd_metadata["distrib_optim_sharding_type"]
-    if _is_distributed_optimizer(optimizer) and sharding == "dp_reshardable" and (saved["tp"], saved["pp"]) != (
+    if is_distributed_optimizer(optimizer) and sharding == "dp_reshardable" and (saved["tp"], saved["pp"]) != (
         model.tp, model.pp
     ):
         raise CheckpointError(

@@ -7,7 +7,7 @@
 
 `--model` is a Hugging Face model dir (config.json + weights), a model-only Megatron checkpoint
 (`tools/convert_hf_to_megatron.py` output, `rlad_meta.json` with `version`), or a training checkpoint
-(`rlad-train --save` dir or one of its `iter_*` dirs). Megatron checkpoints are built at TP=1 in this
+(`rlad-train --save` dir or one of its `iter_*` dirs; see `model_source`). Megatron checkpoints are built at TP=1 in this
 process (`platform.init()`, a 1-rank gloo/nccl group), loaded, and exported through the weight-sync path
 (`export_hf_weights` -> `push_weights`) into the same in-process HF engine; they need `--tokenizer`.
 
@@ -40,7 +40,10 @@ from pathlib import Path
 import torch
 
 from rlad_megatron.data.loader import load_prompts
+from rlad_megatron.errors import UserError, as_user_error, run_cli
 from rlad_megatron.evaluation import subset_of, summarize
+from rlad_megatron.model_source import model_format
+from rlad_megatron.rewards import DEFAULT_TIMEOUT_S
 from rlad_megatron.rollout.base import SamplingParams
 from rlad_megatron.rollout.generate import RewardSpec, generate_and_score, per_prompt
 
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--format-reward", type=float, default=0.0,
                    help="as in training; a sample counts as correct only at score >= 1")
     g.add_argument("--reward-workers", type=int, default=0)
+    g.add_argument("--reward-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds one sample's reward may take; slower ones score 0 (0 = no limit)")
 
     g = p.add_argument_group("output")
     g.add_argument("--output-json", default=None)
@@ -105,7 +110,7 @@ def parse_task_config(items: list[str]) -> list[dict]:
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"--task-config {item!r}: expected KEY=VALUE[,VALUE...]")
+            raise UserError(f"--task-config {item!r}: expected KEY=VALUE[,VALUE...]")
         parsed = []
         for v in raw.split(","):
             try:
@@ -132,48 +137,6 @@ def benchmark_name(source: str, taken: set[str]) -> str:
 # ------------------------------------------------------------------------------------------------ model
 
 
-def model_format(path: str | Path) -> str:
-    """'hf', 'megatron' (model-only dist checkpoint) or 'megatron-train' (rlad-train --save dir or iter_* dir)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"--model {path}: not a directory")
-    if (path / "config.json").exists():
-        return "hf"
-    from rlad_megatron.checkpoint import list_checkpoints  # imports megatron-core: only for non-HF dirs
-    meta = path / "rlad_meta.json"
-    if meta.exists() and "version" in json.loads(meta.read_text()):
-        return "megatron"
-    if (path / "latest").exists() or list_checkpoints(path) or (meta.exists() and (path / "dist").is_dir()):
-        return "megatron-train"
-    raise ValueError(f"--model {path}: neither a Hugging Face dir (config.json), a Megatron checkpoint "
-                     "(rlad_meta.json) nor an rlad-train --save dir (latest / iter_*)")
-
-
-def _build_megatron(path: Path, fmt: str, dtype: torch.dtype | None):
-    """Build the checkpoint's model at TP=PP=1 in this process and load it -> (model, hf_config, label)."""
-    from rlad_megatron.convert import build_model_from_megatron_checkpoint, read_checkpoint_meta
-
-    if fmt == "megatron":
-        model = build_model_from_megatron_checkpoint(path, params_dtype=dtype)
-        return model, read_checkpoint_meta(path)["hf_config"], path.name
-    from rlad_megatron.checkpoint import META_FILE, checkpoint_dir, load_checkpoint, resolve_step
-    from rlad_megatron.models.builder import build_model
-    from rlad_megatron.models.families import spec_from_hf_config
-
-    if (path / META_FILE).exists() and path.name.startswith("iter_"):  # one iter_* dir of a save dir
-        save_dir, step = path.parent, int(path.name.split("_", 1)[1])
-    else:
-        save_dir, step = path, resolve_step(path)
-        if step is None:
-            raise ValueError(f"--model {path}: no complete checkpoint in this save dir")
-    meta = json.loads((checkpoint_dir(save_dir, step) / META_FILE).read_text())
-    saved_dtype = getattr(torch, meta["params_dtype"].replace("torch.", ""))
-    model = build_model(spec_from_hf_config(meta["hf_config"]), params_dtype=dtype or saved_dtype,
-                        padded_vocab=meta["padded_vocab"])
-    load_checkpoint(save_dir, model, step=step, load_rng=False)
-    return model, meta["hf_config"], f"step{step}"
-
-
 def load_engine(model_path: str, *, tokenizer, dtype: torch.dtype = torch.float32, device: str = "cpu",
                 seed: int = 0):
     """An `HFEngine` holding the model at `model_path` (any format of `model_format`) -> (engine, format)."""
@@ -186,14 +149,16 @@ def load_engine(model_path: str, *, tokenizer, dtype: torch.dtype = torch.float3
 
     from rlad_megatron import platform
     from rlad_megatron.convert import export_hf_weights
+    from rlad_megatron.model_source import build_megatron, inspect_megatron
     from rlad_megatron.rollout.weight_sync import push_weights
 
+    source = inspect_megatron(model_path, flag="--model")  # files only: a broken checkpoint fails before init
     platform.init(platform.Layout(), seed=seed)  # one rank: TP = PP = 1
     try:
-        model, hf_config, label = _build_megatron(Path(model_path), fmt, dtype)
-        config = AutoConfig.for_model(**{k: v for k, v in hf_config.items() if k != "transformers_version"})
+        model = build_megatron(source, dtype)
+        config = AutoConfig.for_model(**{k: v for k, v in source.hf_config.items() if k != "transformers_version"})
         engine = HFEngine(config, dtype=dtype, device=device, seed=seed, tokenizer=tokenizer)
-        push_weights(engine, export_hf_weights(model), version=label)
+        push_weights(engine, export_hf_weights(model), version=source.label)
     finally:
         platform.shutdown()
     return engine, fmt
@@ -224,26 +189,54 @@ def _write(path: str | None, text: str) -> None:
         Path(path).write_text(text)
 
 
+def check_flags(args: argparse.Namespace) -> list[int]:
+    """Flag checks that need no file; returns the Pass@j list."""
+    if args.k < 1:
+        raise UserError(f"--k {args.k}: must be >= 1")
+    pass_ks = sorted(set(args.pass_k)) if args.pass_k else default_pass_ks(args.k)
+    if any(not 1 <= j <= args.k for j in pass_ks):
+        raise UserError(f"--pass-k {' '.join(map(str, pass_ks))}: values must be in [1, --k={args.k}]")
+    if args.reward_timeout < 0:
+        raise UserError(f"--reward-timeout {args.reward_timeout}: must be >= 0 seconds (0 = no limit)")
+    return pass_ks
+
+
+def _reward_of(src: str, samples: list, reward: str | None, format_reward: float) -> str:
+    """The benchmark's reward name, resolved now (an unknown name fails before the model is built)."""
+    from rlad_megatron.rewards import get_reward_fn
+
+    name = reward or samples[0].task
+    if not name:
+        raise UserError(f"--data {src}: rows carry no 'task' name; pass --reward")
+    with as_user_error(flag=f"--reward {name}:" if reward else f"--data {src}: task {name!r}:"):
+        get_reward_fn(name, format_reward=format_reward)
+    return name
+
+
 def run(args: argparse.Namespace) -> dict:
+    """Evaluate; every input is validated from files and flags before the model is built."""
     from rlad_megatron.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    if args.k < 1:
-        raise ValueError(f"--k must be >= 1, got {args.k}")
-    pass_ks = sorted(set(args.pass_k)) if args.pass_k else default_pass_ks(args.k)
-    if any(not 1 <= j <= args.k for j in pass_ks):
-        raise ValueError(f"--pass-k values must be in [1, --k={args.k}], got {pass_ks}")
+    pass_ks = check_flags(args)
     fmt = model_format(args.model)
     tok_dir = args.tokenizer or (args.model if fmt == "hf" else None)
     if tok_dir is None:
-        raise ValueError(f"--model {args.model} is a Megatron checkpoint ({fmt}): pass --tokenizer DIR")
-    tokenizer = load_tokenizer(tok_dir)
+        raise UserError(f"--model {args.model}: a Megatron checkpoint ({fmt}) has no tokenizer; pass --tokenizer DIR")
+    tokenizer = load_tokenizer(tok_dir, flag="--tokenizer" if args.tokenizer else "--model")
+    if fmt != "hf":
+        from rlad_megatron.model_source import inspect_megatron
+
+        inspect_megatron(args.model, flag="--model")
     configs = parse_task_config(args.task_config)
     taken: set[str] = set()
-    benches = [(benchmark_name(src, taken), src,
-                load_prompts(src, split="eval", size=args.size, seed=args.seed, configs=configs, tokenizer=tokenizer,
-                             apply_chat_template=args.apply_chat_template, limit=args.limit))
-               for src in args.data]
+    benches = []
+    for src in args.data:
+        with as_user_error(flag="--data"):
+            samples = load_prompts(src, split="eval", size=args.size, seed=args.seed, configs=configs,
+                                   tokenizer=tokenizer, apply_chat_template=args.apply_chat_template, limit=args.limit)
+        benches.append((benchmark_name(src, taken), src, samples,
+                        _reward_of(src, samples, args.reward, args.format_reward)))
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     engine, fmt = load_engine(args.model, tokenizer=tokenizer, dtype=dtype, device=args.device, seed=args.sample_seed)
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -258,14 +251,12 @@ def run(args: argparse.Namespace) -> dict:
     }
     dump = open(args.save_samples, "w", encoding="utf-8") if args.save_samples else None  # noqa: SIM115
     try:
-        for name, src, samples in benches:
-            reward = args.reward or samples[0].task
-            if not reward:
-                raise ValueError(f"{src}: rows carry no 'task' name; pass --reward")
+        for name, src, samples, reward in benches:
             tb = time.perf_counter()
             rollouts, scores = generate_and_score(
                 engine, samples, n=args.k, sampling=sampling, tokenizer=tokenizer, batch_size=args.batch_size,
-                reward=RewardSpec(reward, workers=args.reward_workers, format_reward=args.format_reward))
+                reward=RewardSpec(reward, workers=args.reward_workers, format_reward=args.format_reward,
+                                  timeout=args.reward_timeout))
             scores, texts = per_prompt(scores, args.k), per_prompt([r.text for r in rollouts], args.k)
             subsets = [subset_of(s, args.subset_key) for s in samples]
             result["benchmarks"][name] = {"source": src, "reward": reward,
@@ -285,13 +276,18 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def _main(argv: list[str]) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
     result = run(args)
     if not args.quiet:
         print(markdown_table(result), end="", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`rlad-eval`: bad input is one line on stderr and exit code 2 (`errors.run_cli`)."""
+    run_cli("rlad-eval", _main, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

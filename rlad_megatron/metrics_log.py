@@ -1,6 +1,9 @@
-"""Training metrics: JSONL (always), TensorBoard, wandb (optional), a tqdm bar, and a PNG of the curves.
+"""Training metrics: JSONL (always), TensorBoard, wandb (optional), progress, and a PNG of the curves.
 
 `MetricsLogger.log(step, metrics)` appends `{"step", "time", **metrics}` to `out_dir/metrics.jsonl`.
+Progress goes to stderr: a tqdm bar on a terminal; otherwise (a cluster job's log file) one plain line every
+`progress_every_steps` steps (default: 20 lines per run) or `progress_every_s` seconds, whichever comes first,
+Megatron style: `step 40/200 (20%) | elapsed 0:01:10 | 1.75 s/step | eta 0:04:40 | reward=0.53 loss=0.012`.
 `close()` renders `out_dir/training_curves.png` with `plot_metrics`: one panel per metric family
 (rewards, `eval/*`, losses, clip + gate fractions), each line a key, x = step.
 """
@@ -10,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -84,10 +88,13 @@ class MetricsLogger:
         start_step: int = 0,
         rank0_only: bool = True,
         progress: bool = True,
+        progress_stream=None,
+        progress_every_steps: int | None = None,
+        progress_every_s: float = 60.0,
     ) -> None:
         self.out_dir = Path(out_dir)
         self.active = not rank0_only or _rank() == 0
-        self._tb = self._wandb = self._bar = self._jsonl = None
+        self._tb = self._wandb = self._bar = self._jsonl = self._lines = None
         if not self.active:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -99,10 +106,15 @@ class MetricsLogger:
             self._tb = SummaryWriter(log_dir=str(tensorboard_dir))
         if wandb_project:
             self._wandb = _init_wandb(wandb_project, wandb_run_name, wandb_config, self.out_dir)
-        if progress:
+        stream = progress_stream or sys.stderr
+        if progress and _isatty(stream):
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                             file=stream)
+        elif progress:
+            every = progress_every_steps or max(1, math.ceil(total_steps / 20))
+            self._lines = ProgressLines(stream, total_steps, start_step, every_steps=every, every_s=progress_every_s)
 
     def log(self, step: int, metrics: Mapping[str, object]) -> None:
         """Record `metrics` (numbers or 1-element tensors; other values are skipped) at `step`."""
@@ -124,6 +136,8 @@ class MetricsLogger:
             postfix = progress_postfix(scalars)
             if postfix:
                 self._bar.set_postfix(postfix, refresh=True)
+        if self._lines is not None:
+            self._lines.log(int(step), scalars)
 
     def close(self) -> Path | None:
         """Flush and close every sink, then render the curves PNG (returned; None if nothing to plot)."""
@@ -147,6 +161,46 @@ class MetricsLogger:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class ProgressLines:
+    """Plain progress lines for non-terminal output: at most one per `every_steps` steps or `every_s` seconds
+    (the first logged step and the last step always print)."""
+
+    def __init__(self, stream, total_steps: int, start_step: int = 0, *, every_steps: int, every_s: float) -> None:
+        self.stream, self.total, self.start_step = stream, total_steps, start_step
+        self.every_steps, self.every_s = max(1, every_steps), every_s
+        self._t0 = self._last_t = time.monotonic()
+        self._last_step: int | None = None
+
+    def log(self, step: int, scalars: Mapping[str, float]) -> None:
+        now = time.monotonic()
+        due = (self._last_step is None or step >= self.total or step - self._last_step >= self.every_steps
+               or now - self._last_t >= self.every_s)
+        if not due or step == self._last_step:
+            return
+        self._last_step, self._last_t = step, now
+        done, elapsed = step - self.start_step, now - self._t0
+        parts = [f"step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)", f"elapsed {_hms(elapsed)}"]
+        if done > 0:
+            per = elapsed / done
+            parts += [f"{per:.3g} s/step", f"eta {_hms(per * max(self.total - step, 0))}"]
+        postfix = progress_postfix(scalars)
+        if postfix:
+            parts.append(" ".join(f"{k}={v}" for k, v in postfix.items()))
+        print(" | ".join(parts), file=self.stream, flush=True)
 
 
 def _init_wandb(project: str, name: str | None, config: dict | None, out_dir: Path):

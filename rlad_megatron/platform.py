@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from rlad_megatron.errors import RankLocalError
+
 _CPU_COMPAT_APPLIED = False
 
 
@@ -323,8 +325,8 @@ def student_process_groups():
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
-class CollectiveTimeoutError(RuntimeError):
-    """A rank waited for the others longer than --distributed-timeout-minutes."""
+class CollectiveTimeoutError(RankLocalError):
+    """A rank waited for the others longer than --distributed-timeout-minutes (one line from the CLI wrapper)."""
 
 
 def wait_for_all(key: str, *, since: float, what: str) -> None:

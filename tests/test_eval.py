@@ -173,14 +173,24 @@ def test_rlad_eval_knights_knaves_by_number_of_people(tiny_dir, tmp_path):
     assert bench["metrics"]["overall"]["mean@2"] == 0.0  # 4 random characters never solve a puzzle
 
 
-def test_rlad_eval_rejects_bad_input(tiny_dir, tmp_path):
-    with pytest.raises(ValueError, match="pass-k"):
-        main(["--model", str(tiny_dir), "--data", "builtin:addition", "--size", "2", "--k", "2", "--pass-k", "4",
-              "--no-chat-template", "--quiet"])
+def _cli_error(capsys, argv: list[str]) -> str:
+    """Run `rlad-eval argv`, expect exit code 2 and return its one stderr line."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    [line] = [x for x in err.splitlines() if x.startswith("rlad-eval: error: ")]
+    return line
+
+
+def test_rlad_eval_rejects_bad_input(tiny_dir, tmp_path, capsys):
+    assert "--pass-k 4: values must be in [1, --k=2]" in _cli_error(capsys, [
+        "--model", str(tiny_dir), "--data", "builtin:addition", "--size", "2", "--k", "2", "--pass-k", "4",
+        "--no-chat-template", "--quiet"])
     no_task = tmp_path / "nt.jsonl"
     no_task.write_text(json.dumps({"prompt": "Q1+1:", "answer": "2"}) + "\n")
-    with pytest.raises(ValueError, match="--reward"):
-        main(["--model", str(tiny_dir), "--data", str(no_task), "--k", "1", "--no-chat-template", "--quiet"])
+    assert f"--data {no_task}: rows carry no 'task' name; pass --reward" in _cli_error(capsys, [
+        "--model", str(tiny_dir), "--data", str(no_task), "--k", "1", "--no-chat-template", "--quiet"])
     with pytest.raises(ValueError, match="Hugging Face dir"):
         model_format(tmp_path)
 
@@ -221,14 +231,16 @@ def test_rlad_eval_megatron_checkpoint_matches_hf(tiny_dir, tmp_path):
               '--save-samples', {str(tmp_path / 't.jsonl')!r}, *common])
         try:
             main(['--model', {str(ckpt)!r}, *common])
-        except ValueError as e:
-            assert '--tokenizer' in str(e), e
+        except SystemExit as e:
+            assert e.code == 2, e
         else:
             raise AssertionError('a Megatron checkpoint without --tokenizer must be refused')
     """)
     p = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=240,
                        check=False, cwd=tmp_path)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert f"rlad-eval: error: --model {ckpt}: a Megatron checkpoint (megatron) has no tokenizer; pass --tokenizer DIR" \
+        in p.stderr.splitlines(), p.stderr[-2000:]
     assert model_format(ckpt) == "megatron"
     meg, hf = json.loads((tmp_path / "m.json").read_text()), json.loads((tmp_path / "h.json").read_text())
     assert meg["model_format"] == "megatron" and hf["model_format"] == "hf"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -106,3 +107,41 @@ def test_missing_wandb_warns_once(tmp_path: Path, monkeypatch) -> None:
         b = MetricsLogger(tmp_path / "b", wandb_project="proj", total_steps=2, progress=False)
     b.close()
     assert (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+class _Stream(io.StringIO):
+    def __init__(self, tty: bool) -> None:
+        super().__init__()
+        self.tty = tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+def test_progress_lines_when_not_a_terminal(tmp_path: Path) -> None:
+    """A log file gets a plain line every total/20 steps (and the last step), not a bar redraw per step."""
+    stream = _Stream(tty=False)
+    with MetricsLogger(tmp_path / "run", total_steps=200, progress_stream=stream, progress_every_s=3600) as log:
+        for step in range(1, 201):
+            log.log(step, _metrics(step))
+    lines = stream.getvalue().splitlines()
+    assert [int(line.split()[1].split("/")[0]) for line in lines] == [1, *range(11, 201, 10), 200]
+    assert lines[-1].startswith("step 200/200 (100%) | elapsed ") and " s/step | eta 0:00:00 | reward=" in lines[-1]
+    assert "loss=0.01 " in lines[-1] and "\r" not in stream.getvalue()
+
+    stream = _Stream(tty=False)  # a resumed run with a time interval of 0: every step prints, counted from the resume
+    with MetricsLogger(tmp_path / "resumed", total_steps=30, start_step=20, progress_stream=stream,
+                       progress_every_steps=100, progress_every_s=0.0) as log:
+        for step in range(21, 31):
+            log.log(step, {"loss": 1.0})
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("step 21/30 (70%)") and lines[0].endswith("loss=1")
+
+
+def test_progress_bar_on_a_terminal(tmp_path: Path) -> None:
+    stream = _Stream(tty=True)
+    with MetricsLogger(tmp_path / "run", total_steps=5, progress_stream=stream) as log:
+        assert log._bar is not None and log._lines is None
+        for step in range(1, 6):
+            log.log(step, {"loss": 1.0})
+    assert "\r" in stream.getvalue() and "5/5" in stream.getvalue()

@@ -5,6 +5,7 @@ distributed checkpoints. The same `export_hf_weights` iterator feeds the rollout
 from rlad_megatron.convert.dist_checkpoint import (
     MegatronCheckpointMeta,
     build_model_from_megatron_checkpoint,
+    check_model_checkpoint,
     load_megatron_checkpoint,
     padded_vocab_for,
     read_checkpoint_meta,
@@ -19,6 +20,7 @@ __all__ = [
     "MegatronCheckpointMeta",
     "build_model_from_megatron_checkpoint",
     "check_hf_checkpoint",
+    "check_model_checkpoint",
     "expected_hf_tensors",
     "export_hf_weights",
     "hf_dtype",

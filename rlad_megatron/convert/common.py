@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rlad_megatron.errors import OutputExistsError
 from rlad_megatron.models.families import ModelSpec
 
 Shape = tuple[int, ...]
@@ -342,7 +343,7 @@ def atomic_dir(out_dir: str | Path, *, overwrite: bool = False, enabled: bool = 
     out = Path(out_dir).resolve()
     tmp = out.parent / f".{out.name}.tmp"
     if out.exists() and not overwrite:  # checked on every rank (shared filesystem), so all ranks raise
-        raise FileExistsError(f"{out} already exists (pass overwrite=True / --overwrite to replace it)")
+        raise OutputExistsError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
     if not enabled:
         yield tmp
         return

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 
 from rlad_megatron import platform
+from rlad_megatron.ckpt_files import dist_checkpoint_problem, json_problem
 from rlad_megatron.convert.common import atomic_dir
 from rlad_megatron.convert.hf_to_megatron import check_same_model
+from rlad_megatron.errors import UserError
 from rlad_megatron.models.builder import Model, build_model
 from rlad_megatron.models.families import spec_from_hf_config
 
@@ -44,12 +46,31 @@ class MegatronCheckpointMeta:
 def read_checkpoint_meta(ckpt_dir: str | Path) -> dict:
     """The raw `rlad_meta.json` dict (keys of `MegatronCheckpointMeta`; `["hf_config"]` rebuilds the spec)."""
     path = Path(ckpt_dir) / META_NAME
+    if not path.exists() and ((Path(ckpt_dir) / "latest").exists() or any(Path(ckpt_dir).glob("iter_*"))):
+        raise UserError(f"{ckpt_dir}: an rlad-train --save dir (training checkpoints), not a model-only checkpoint; "
+                        "export it with tools/convert_megatron_to_hf.py, or resume from it with --load")
     if not path.exists():
-        raise ValueError(f"{ckpt_dir}: no {META_NAME}; not a checkpoint written by save_megatron_checkpoint "
-                         "(or tools/convert_hf_to_megatron.py)")
+        raise UserError(f"{ckpt_dir}: no {META_NAME}; not a checkpoint written by save_megatron_checkpoint "
+                        "(or tools/convert_hf_to_megatron.py)")
+    problem = json_problem(path)
+    if problem:
+        raise UserError(problem)
     meta = json.loads(path.read_text())
+    if "format_version" in meta and "version" not in meta:
+        raise UserError(f"{ckpt_dir}: a training checkpoint (rlad-train --save), not a model-only checkpoint; export "
+                        "it with tools/convert_megatron_to_hf.py, or resume from it with --load")
     if meta.get("version") != META_VERSION:
-        raise ValueError(f"{path}: version {meta.get('version')!r}, this code reads version {META_VERSION}")
+        raise UserError(f"{path}: version {meta.get('version')!r}, this code reads version {META_VERSION}")
+    return meta
+
+
+def check_model_checkpoint(ckpt_dir: str | Path) -> MegatronCheckpointMeta:
+    """Files-only check (no model built) of a model-only checkpoint: its meta and every shard the torch_dist index
+    lists, complete. UserError naming the broken file."""
+    meta = read_megatron_meta(ckpt_dir)
+    problem = dist_checkpoint_problem(ckpt_dir)
+    if problem:
+        raise UserError(f"{problem} (incomplete checkpoint)")
     return meta
 
 
@@ -83,7 +104,7 @@ def save_megatron_checkpoint(model: Model, ckpt_dir: str | Path, *, overwrite: b
 def padded_vocab_for(meta: MegatronCheckpointMeta, tp: int) -> int:
     """The checkpoint's padded vocab, which a model at `tp` must reuse; ValueError if it does not split."""
     if meta.padded_vocab % tp:
-        raise ValueError(
+        raise UserError(
             f"the checkpoint's padded vocab {meta.padded_vocab} (written at TP={meta.tp}) is not divisible by "
             f"TP={tp}; convert again from HF with a --make-vocab-size-divisible-by that makes the padded vocab "
             f"a multiple of {tp}"
@@ -100,7 +121,7 @@ def load_megatron_checkpoint(model: Model, ckpt_dir: str | Path) -> MegatronChec
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    meta = read_megatron_meta(ckpt_dir)
+    meta = check_model_checkpoint(ckpt_dir)
     check_same_model(model.spec, spec_from_hf_config(meta.hf_config), f"{ckpt_dir}/{META_NAME}")
     if padded_vocab_for(meta, model.tp) != model.padded_vocab:
         raise ValueError(

@@ -21,6 +21,7 @@ from safetensors import safe_open
 
 from rlad_megatron.convert.common import TIED_LM_HEAD, FamilyMapping, Index, Rule, Shape, ShardContext
 from rlad_megatron.convert.registry import mapping_for
+from rlad_megatron.errors import UserError
 from rlad_megatron.models.builder import Model
 from rlad_megatron.models.families import ModelSpec, spec_from_hf_config
 
@@ -38,7 +39,16 @@ def check_same_model(expected: ModelSpec, found: ModelSpec, source: str) -> None
     diffs = [f"{f}: model has {getattr(expected, f)!r}, {source} has {getattr(found, f)!r}"
              for f in MODEL_FIELDS if getattr(expected, f) != getattr(found, f)]
     if diffs:
-        raise ValueError(f"{source} is a checkpoint of a different model:\n  " + "\n  ".join(diffs))
+        raise UserError(f"{source} is a checkpoint of a different model:\n  " + "\n  ".join(diffs))
+
+
+def _open_safetensors(path: Path):
+    """`safe_open(path)`; a truncated or corrupt file (safetensors checks the header against the file size) is a
+    UserError naming it."""
+    try:
+        return safe_open(path, "pt")
+    except Exception as e:  # noqa: BLE001 - SafetensorError is not importable under a stable name
+        raise UserError(f"{path}: not a readable safetensors file ({e}); the file is truncated or corrupt") from None
 
 
 class SafetensorsCheckpoint:
@@ -50,13 +60,16 @@ class SafetensorsCheckpoint:
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.exists():
-            self.files: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            try:
+                self.files: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: not a safetensors index (expected JSON with a 'weight_map'; {e!r})") from None
         elif single.exists():
-            with safe_open(single, "pt") as f:
+            with _open_safetensors(single) as f:
                 self.files = {name: single.name for name in f.keys()}  # noqa: SIM118 (not a dict)
         else:
-            raise ValueError(f"{self.dir}: no model.safetensors or model.safetensors.index.json "
-                             "(only safetensors HF checkpoints are supported)")
+            raise UserError(f"{self.dir}: no model.safetensors or model.safetensors.index.json "
+                            "(only safetensors HF checkpoints are supported)")
         self._stack = contextlib.ExitStack()
         self._open: dict[str, object] = {}
 
@@ -71,8 +84,8 @@ class SafetensorsCheckpoint:
         if file not in self._open:
             path = self.dir / file
             if not path.exists():
-                raise ValueError(f"{name}: shard {file} listed in the index is missing from {self.dir}")
-            self._open[file] = self._stack.enter_context(safe_open(path, "pt"))
+                raise UserError(f"{path}: missing (the index lists it for {name})")
+            self._open[file] = self._stack.enter_context(_open_safetensors(path))
         return self._open[file]
 
     def names(self) -> set[str]:
@@ -120,7 +133,7 @@ def check_hf_checkpoint(ckpt: SafetensorsCheckpoint, spec: ModelSpec, mapping: F
                  for n, s in expected.items() if n in names and ckpt.shape(n) != s]
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(f"{ckpt.dir} does not match the {spec.family} model:\n  " + "\n  ".join(problems[:20]) + more)
+        raise UserError(f"{ckpt.dir} does not match the {spec.family} model:\n  " + "\n  ".join(problems[:20]) + more)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from rlad_megatron.models.families import ModelSpec, spec_from_hf_config
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5")
 INDEX_NAME = "model.safetensors.index.json"
+MODEL_CONFIG_FILES = ("config.json", "generation_config.json")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -144,12 +145,22 @@ class _ShardWriter:
         (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def copy_hf_metadata(template: Path, out: Path) -> None:
+def _metadata_files(src: Path) -> list[Path]:
+    """Every top-level file of `src` except weights and weight indexes."""
+    return [f for f in sorted(src.iterdir())
+            if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json")]
+
+
+def copy_hf_metadata(template: Path, out: Path, tokenizer_dir: Path | None = None) -> None:
     """Copy config.json, generation_config.json, tokenizer and chat-template files: every top-level file
-    of the template except weights and the weight index."""
-    for f in sorted(template.iterdir()):
-        if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and not f.name.endswith(".index.json"):
-            shutil.copy2(f, out / f.name)
+    of the template except weights and the weight index; then, with `tokenizer_dir`, its tokenizer files (every
+    such file except the model configs), replacing the template's."""
+    for f in _metadata_files(template):
+        shutil.copy2(f, out / f.name)
+    if tokenizer_dir is not None:
+        for f in _metadata_files(Path(tokenizer_dir)):
+            if f.name not in MODEL_CONFIG_FILES:
+                shutil.copy2(f, out / f.name)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -170,9 +181,11 @@ def save_hf_checkpoint(
     *,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    tokenizer_dir: str | Path | None = None,
 ) -> Path:
     """Write the model as an HF checkpoint: sharded safetensors + index, plus the template's config,
-    generation config and tokenizer files. Collective on every rank; global rank 0 writes.
+    generation config and tokenizer files (the tokenizer files of `tokenizer_dir` when given). Collective on every
+    rank; global rank 0 writes.
 
     The output appears atomically (temp dir + rename); on any error nothing is left at `out_dir`, and
     every rank raises. `dtype` defaults to the template config's dtype. The template must describe the
@@ -195,7 +208,7 @@ def save_hf_checkpoint(
         if shards is not None and error is None:
             try:
                 shards.finish()
-                copy_hf_metadata(template, tmp)
+                copy_hf_metadata(template, tmp, Path(tokenizer_dir) if tokenizer_dir else None)
             except Exception as e:  # noqa: BLE001 - reported on every rank below
                 error = e
         if _any_rank(error is not None):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rlad_megatron.convert import llama, qwen2, qwen3
 from rlad_megatron.convert.common import FamilyMapping
+from rlad_megatron.errors import UserError
 from rlad_megatron.models.families import ModelSpec
 
 _MAPPINGS: dict[str, FamilyMapping] = {m.family: m for m in (qwen2.MAPPING, qwen3.MAPPING, llama.MAPPING)}
@@ -25,6 +26,6 @@ def mapping_for(spec: ModelSpec | str) -> FamilyMapping:
     try:
         return _MAPPINGS[family]
     except KeyError:
-        raise ValueError(
+        raise UserError(
             f"no HF <-> Megatron converter for family {family!r}; supported: {supported_families()}"
         ) from None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from rlad_megatron.errors import UserError
+
 EVAL_SEED_OFFSET = 10**9
 # Tasks the project documents and tests; any other registered reasoning-gym name also works.
 BUILTIN_TASKS = ("knights_knaves", "countdown", "chain_sum", "basic_arithmetic", "addition")
@@ -37,13 +39,21 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+def check_task_name(name: str) -> None:
+    """UserError unless `name` is `addition` or a registered reasoning-gym dataset."""
+    import reasoning_gym
+
+    if name != "addition" and name not in reasoning_gym.factory.DATASETS:
+        raise UserError(f"unknown task {name!r}; built-ins: {', '.join(BUILTIN_TASKS)} or a reasoning-gym "
+                        "dataset name")
+
+
 def generate_entries(name: str, *, split: Split, size: int, seed: int, **cfg: Any) -> list[dict[str, Any]]:
     """`size` plain reasoning-gym items of dataset `name` for `split`."""
     import reasoning_gym
 
     if not 0 < size <= EVAL_SEED_OFFSET:
-        raise ValueError(f"size must be in [1, {EVAL_SEED_OFFSET}], got {size}")
-    if name not in reasoning_gym.factory.DATASETS:
-        raise ValueError(f"unknown task {name!r}; built-ins: {', '.join(BUILTIN_TASKS)} or a reasoning-gym name")
+        raise UserError(f"size must be in [1, {EVAL_SEED_OFFSET}], got {size}")
+    check_task_name(name)
     ds = reasoning_gym.create_dataset(name, seed=split_seed(seed, split), size=size, **cfg)
     return [to_plain(ds[i]) for i in range(size)]

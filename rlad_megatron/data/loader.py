@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from rlad_megatron.data.generators import Split
 from rlad_megatron.data.prompts import PromptSample, encode_samples, load_prompt_file
 from rlad_megatron.data.tasks import make_task_dataset
+from rlad_megatron.errors import UserError
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -31,7 +32,7 @@ def load_prompts(source: str, *, split: Split, size: int, seed: int, tokenizer, 
                    for s in make_task_dataset(task, split=split, size=size, seed=seed, chat=apply_chat_template, **cfg)]
     else:
         if configs != [{}]:
-            raise ValueError(f"--task-config applies to builtin:<task> sets, not to the file {source}")
+            raise UserError(f"--task-config applies to builtin:<task> sets, not to the file {source}")
         samples = load_prompt_file(source)
         if limit:
             samples = samples[:limit]

@@ -8,17 +8,20 @@ objects (e.g. `answer_key="reward_model.ground_truth"`).
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from rlad_megatron.errors import UserError
+
 Messages = list[dict[str, str]]
 _MISSING = object()
 
 
-class PromptFileError(ValueError):
+class PromptFileError(UserError):
     """A malformed prompt row; the message starts with `file:line` (JSONL) or `file:row i` (Parquet)."""
 
 
@@ -111,20 +114,35 @@ def row_to_sample(
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                yield where, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptFileError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        lineno = 0
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    msg = e.msg.removesuffix(" at")  # "Invalid control character at" + " at column N"
+                    raise PromptFileError(f"{where}: invalid JSON ({msg} at column {e.colno})") from None
+                yield where, row
+        except UnicodeDecodeError:
+            raise PromptFileError(f"{path}:{lineno + 1}: not UTF-8 text (expected JSON lines)") from None
 
 
-def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
+def _iter_parquet(path: Path, max_rows: int | None = None) -> Iterator[tuple[str, Any]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    for i, row in enumerate(pq.read_table(path).to_pylist()):
+    try:
+        if max_rows is None:
+            rows = pq.read_table(path).to_pylist()
+        else:
+            first = next(pq.ParquetFile(path).iter_batches(batch_size=max_rows), None)
+            rows = first.to_pylist() if first is not None else []
+    except (pa.ArrowException, OSError) as e:
+        raise PromptFileError(f"{path}: not a readable Parquet file ({e})") from None
+    for i, row in enumerate(rows):
         yield f"{path}:row {i}", row
 
 
@@ -136,20 +154,24 @@ def load_prompt_file(
     answer_key: str = "answer",
     task_key: str = "task",
     default_task: str = "",
+    max_rows: int | None = None,
 ) -> list[PromptSample]:
-    """Load `.jsonl`/`.json` lines or `.parquet`. Errors name the file and 1-based line / 0-based row."""
+    """Load `.jsonl`/`.json` lines or `.parquet` (only the first `max_rows` rows when given, e.g. to validate a
+    file cheaply). Errors (`PromptFileError`, a `UserError`) name the file and 1-based line / 0-based row."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if suffix not in (".jsonl", ".json", ".parquet", ".pq"):
+        raise PromptFileError(f"{path}: unsupported prompt file type '{suffix}' (expected .jsonl or .parquet)")
+    if not path.is_file():
+        raise PromptFileError(f"{path}: no such file")
     if suffix in (".jsonl", ".json"):
-        rows: Iterable[tuple[str, Any]] = _iter_jsonl(path)
-    elif suffix in (".parquet", ".pq"):
-        rows = _iter_parquet(path)
+        rows: Iterable[tuple[str, Any]] = itertools.islice(_iter_jsonl(path), max_rows)
     else:
-        raise ValueError(f"{path}: unsupported prompt file type '{suffix}' (expected .jsonl or .parquet)")
+        rows = _iter_parquet(path, max_rows)
     keys = {"prompt_key": prompt_key, "messages_key": messages_key, "answer_key": answer_key, "task_key": task_key}
     samples = [row_to_sample(row, where, default_task=default_task, **keys) for where, row in rows]
     if not samples:
-        raise ValueError(f"{path}: no prompts in file")
+        raise PromptFileError(f"{path}: no prompts in file (expected one JSON object per line, or Parquet rows)")
     return samples
 
 

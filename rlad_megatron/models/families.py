@@ -11,6 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlad_megatron.errors import UserError
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -80,7 +82,7 @@ def family_of(architecture: str) -> str:
     for name, (archs, _, _) in _FAMILIES.items():
         if architecture in archs:
             return name
-    raise ValueError(
+    raise UserError(
         f"config.json: architectures={architecture!r} is not supported; expected one of {supported_architectures()}"
     )
 
@@ -98,41 +100,52 @@ def _rope(cfg: dict) -> tuple[float, dict | None]:
         if kind == "default":
             return theta, None
         if kind != "llama3":
-            raise ValueError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
+            raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
         scaling = {k: scaling[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
                                             "original_max_position_embeddings")}
     return theta, scaling
 
 
 def spec_from_hf_config(cfg: dict | str | Path) -> ModelSpec:
-    """Parse an HF config (dict, `config.json` path or model dir). Raises ValueError naming the field."""
-    if not isinstance(cfg, dict):
-        path = Path(cfg)
-        path = path / "config.json" if path.is_dir() else path
-        if not path.exists():
-            raise ValueError(f"{path}: no such config.json")
+    """Parse an HF config (dict, `config.json` path or model dir). Raises UserError naming the file and field."""
+    if isinstance(cfg, dict):
+        return _spec_from_dict(cfg)
+    path = Path(cfg)
+    path = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"{path}: no such file (expected a Hugging Face model dir with config.json)")
+    try:
         cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    try:
+        return _spec_from_dict(cfg)
+    except UserError as e:
+        raise UserError(str(e).replace("config.json: ", f"{path}: ", 1)) from None
+
+
+def _spec_from_dict(cfg: dict) -> ModelSpec:
     archs = cfg.get("architectures") or []
     if len(archs) != 1:
-        raise ValueError(f"config.json: 'architectures' must list exactly one class, got {archs!r}")
+        raise UserError(f"config.json: 'architectures' must list exactly one class, got {archs!r}")
     family = family_of(archs[0])
     _, qkv_bias_default, qk_norm = _FAMILIES[family]
 
     def need(key: str):
         if key not in cfg:
-            raise ValueError(f"config.json: field {key!r} is missing (needed for {archs[0]})")
+            raise UserError(f"config.json: field {key!r} is missing (needed for {archs[0]})")
         return cfg[key]
 
     heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
     kv_heads = int(cfg.get("num_key_value_heads") or heads)
     if heads % kv_heads:
-        raise ValueError(f"config.json: num_attention_heads={heads} not divisible by num_key_value_heads={kv_heads}")
+        raise UserError(f"config.json: num_attention_heads={heads} not divisible by num_key_value_heads={kv_heads}")
     head_dim = int(cfg.get("head_dim") or hidden // heads)
     theta, scaling = _rope(cfg)
     qkv_bias = bool(cfg.get("attention_bias", qkv_bias_default)) if family != "qwen2" else True
     if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act={cfg['hidden_act']!r} is not supported (expected 'silu')")
+        raise UserError(f"config.json: hidden_act={cfg['hidden_act']!r} is not supported (expected 'silu')")
     return ModelSpec(
         family=family,
         architecture=archs[0],

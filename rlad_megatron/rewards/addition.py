@@ -12,12 +12,16 @@ import re
 from rlad_megatron.data.addition import TRACE_RE
 from rlad_megatron.data.prompts import PromptSample
 
-_TAIL_RE = re.compile(r"(?:<eos>|<pad>|\s)+$")
+# the tail is matched on the reversed text: `(...)+$` on the text itself is quadratic on long whitespace runs
+_REVERSED_TAIL_RE = re.compile(r"(?:>soe<|>dap<|\s)+")
 _FINAL_RE = re.compile(r"A(\d+)$")
+MAX_TRACE_CHARS = 1024  # a 3-term 4-digit trace is ~60 characters
 
 
 def _clean(response: str) -> str:
-    return _TAIL_RE.sub("", response)
+    """`response` without trailing whitespace and `<eos>`/`<pad>` strings (linear time)."""
+    m = _REVERSED_TAIL_RE.match(response[::-1])
+    return response[: len(response) - m.end()] if m else response
 
 
 def final_answer(response: str) -> str | None:
@@ -32,5 +36,7 @@ def addition_reward(response: str, sample: PromptSample) -> float:
 
 
 def trace_format(response: str, sample: PromptSample) -> bool:
-    """Format check: the whole response is `step;step;...;A<digits>`."""
-    return TRACE_RE.fullmatch(_clean(response)) is not None
+    """Format check: the whole response is `step;step;...;A<digits>` (at most `MAX_TRACE_CHARS` characters: the
+    regex backtracks over every `+term` of a long degenerate response)."""
+    text = _clean(response)
+    return len(text) <= MAX_TRACE_CHARS and TRACE_RE.fullmatch(text) is not None

@@ -3,12 +3,13 @@
 Boxed-only: a response without a complete `\\boxed{}` (or `\\fbox{}`) scores 0, even if the right
 number appears unboxed. math-verify's `LatexExtractionConfig(boxed_match_priority=0,
 try_extract_without_anchor=False)` alone is not boxed-only in 0.9.0 (it still accepts anchored
-forms such as "final answer is $0.5$"), so the last box is cut out here (balanced braces) and
-only that is parsed. Gold answers without `$` or `\\boxed` are wrapped as `$...$`.
+forms such as "final answer is $0.5$"), so the last box is cut out here (balanced braces, at most
+`MAX_BOXED_CHARS`) and only that is parsed. Gold answers without `$` or `\\boxed` are wrapped as `$...$`.
 
 math-verify's timeouts use `signal.alarm`, which only works on a process's main thread: on the
-main thread (e.g. in a `ProcessPoolExecutor` worker, see `rewards.pool`) a 5 s timeout applies,
-elsewhere (threads) it is disabled (`parsing_timeout=None`, `timeout_seconds=None`).
+main thread (e.g. in a reward worker process, see `rewards.pool`) a `TIMEOUT_S` limit applies to parsing and
+to verifying, elsewhere (threads) it is disabled (`parsing_timeout=None`, `timeout_seconds=None`); either way
+the per-sample deadline of `rewards.scorer` (`--reward-timeout`) bounds the whole call.
 """
 
 from __future__ import annotations
@@ -22,23 +23,26 @@ from rlad_megatron.data.prompts import PromptSample
 
 TIMEOUT_S = 5
 _BOX_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_BRACE_RE = re.compile(r"[{}]")
+MAX_BOXED_CHARS = 1000  # longer boxed "answers" are degenerate; bounding them bounds math-verify's parse too
 
 
-def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}`/`\\fbox{...}` with balanced braces, else None."""
-    starts = list(_BOX_RE.finditer(text))
-    if not starts:
+def last_boxed(text: str, max_chars: int = MAX_BOXED_CHARS) -> str | None:
+    """Content of the last `\\boxed{...}`/`\\fbox{...}` with balanced braces, else None (also when the content
+    is longer than `max_chars`). Linear in `len(text)`: one regex scan for the box starts, then a brace scan of
+    at most `max_chars` characters after the last one."""
+    last = None
+    for last in _BOX_RE.finditer(text):  # only the last match is wanted
+        pass
+    if last is None:
         return None
-    begin = starts[-1].end()
+    begin = last.end()
     depth = 1
-    for i in range(begin, len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                content = text[begin:i].strip()
-                return content or None
+    for brace in _BRACE_RE.finditer(text, begin, min(len(text), begin + max_chars + 1)):
+        depth += 1 if brace.group() == "{" else -1
+        if depth == 0:
+            content = text[begin:brace.start()].strip()
+            return content or None
     return None
 
 

@@ -6,6 +6,11 @@ enough for tasks whose scorer reads only those (knights_knaves, chain_sum, count
 `numbers`/`target` metadata). The scorer is the dataset built with the sample's `rg_config`,
 cached per process. Binary by default (1.0 only for a full score): reasoning-gym's partial
 credits (substring credit, 0.01/0.05 floors) are exploitable and shift GRPO group means.
+
+The answer is cut out in linear time (`last_tagged`), not with reasoning-gym's `extract_answer`, whose lazy
+regex over the whole response is quadratic: a 100 KB response of repeated unclosed `<answer>` tags (RL policies
+produce such loops at max length) took seconds per call. Differences: for a nested `<answer>a <answer>b</answer>`
+the innermost (`b`) is taken, not `a <answer>b`; an answer longer than `MAX_ANSWER_CHARS` counts as absent.
 """
 
 from __future__ import annotations
@@ -16,6 +21,9 @@ from typing import Any
 from rlad_megatron.data.prompts import PromptSample
 
 Scorer = Callable[[str | None, dict[str, Any]], float]
+OPEN_TAG, CLOSE_TAG = "<answer>", "</answer>"
+MAX_ANSWER_CHARS = 1024  # longer "answers" are degenerate outputs; the bound also bounds the scorers' work
+# (countdown's sympy parse of a 4,000-character sum takes ~0.13 s, of 1,000 characters ~0.03 s)
 _SCORERS: dict[tuple[str, str], Scorer] = {}
 
 
@@ -49,11 +57,27 @@ def sample_dataset(sample: PromptSample, expected: str | None = None) -> str:
     return name
 
 
-def extract_tagged_answer(response: str) -> str | None:
-    """The stripped content of the last `<answer>...</answer>`, or None."""
-    from reasoning_gym.utils import extract_answer
+def last_tagged(text: str, open_tag: str = OPEN_TAG, close_tag: str = CLOSE_TAG,
+                max_chars: int = MAX_ANSWER_CHARS) -> str | None:
+    """Stripped content of the last complete `open_tag ... close_tag` pair, or None (also when longer than
+    `max_chars`). The pair is the last opening tag that is closed later, up to the first closing tag after it:
+    two reverse scans and one forward scan (`str.rfind`/`find`), so linear in `len(text)`."""
+    close = text.rfind(close_tag)
+    if close < 0:
+        return None
+    start = text.rfind(open_tag, 0, close)
+    if start < 0:
+        return None
+    begin = start + len(open_tag)
+    end = text.find(close_tag, begin)
+    if end - begin > max_chars:
+        return None
+    return text[begin:end].strip()
 
-    return extract_answer(response, tag_name="answer")
+
+def extract_tagged_answer(response: str) -> str | None:
+    """The stripped content of the last `<answer>...</answer>` (see `last_tagged`), or None."""
+    return last_tagged(response)
 
 
 def rg_reward(response: str, sample: PromptSample, *, task: str | None = None, partial_credit: bool = False) -> float:

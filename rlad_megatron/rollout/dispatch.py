@@ -60,6 +60,10 @@ class Scorer(Protocol):
         """A future of the reward of `response` for `sample`."""
         ...
 
+    def pop_timeouts(self) -> int:
+        """Samples scored 0 for taking too long since the previous call."""
+        ...
+
 
 @dataclass(frozen=True)
 class WorkPlan:

@@ -4,36 +4,28 @@ Data-parallel callers use the same pieces (`dispatch.run_engine` per engine + `e
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from rlad_megatron.rewards import get_reward_fn
+from rlad_megatron.rewards import DEFAULT_TIMEOUT_S, RewardScorer
 from rlad_megatron.rollout.base import Rollout, RolloutEngine, SamplingParams
-from rlad_megatron.rollout.dispatch import LocalQueue, Scorer, WorkPlan, flatten, run_engine
+from rlad_megatron.rollout.dispatch import LocalQueue, WorkPlan, flatten, run_engine
 
 
 @dataclass(frozen=True)
 class RewardSpec:
-    """How samples are scored: reward registry name (or module:function), process-pool size, format bonus."""
+    """How samples are scored: reward registry name (or module:function), process-pool size, format bonus, and the
+    per-sample deadline in seconds (a sample scored longer gets 0; None/0 = no limit; `rewards.scorer`)."""
 
     name: str
     workers: int = 0
     format_reward: float = 0.0
+    timeout: float | None = DEFAULT_TIMEOUT_S
 
 
-class ThreadScorer:
-    """Scores in one background thread, so rewards overlap generation."""
-
-    def __init__(self, spec: RewardSpec) -> None:
-        self._fn = get_reward_fn(spec.name, format_reward=spec.format_reward)
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
-
-    def submit(self, response: str, sample) -> Future:
-        return self._pool.submit(self._fn, response, sample)
-
-
-def make_scorer(spec: RewardSpec) -> Scorer:
-    return ThreadScorer(spec)
+def make_scorer(spec: RewardSpec) -> RewardScorer:
+    """Per-sample reward futures (`rewards.RewardScorer`): a background thread (workers = 0) or worker processes,
+    each sample bounded by `spec.timeout` (scored 0 and counted past it)."""
+    return RewardScorer(spec.name, workers=spec.workers, timeout=spec.timeout, format_reward=spec.format_reward)
 
 
 def generate_and_score(engine: RolloutEngine, samples: Sequence, *, n: int, sampling: SamplingParams, tokenizer,

@@ -43,12 +43,13 @@ def generate_everywhere(run: Run, samples: Sequence, n: int, sampling: SamplingP
                           concurrency=getattr(run.engine, "concurrency", 1), deadline=deadline)
     platform.wait_for_all(f"{key}/done", since=start, what=what)
     rollouts, rewards = flatten(gather_chunks(work.results, plan), plan)
-    return rollouts, rewards, engine_load(run, work, time.monotonic() - start)
+    return rollouts, rewards, engine_load(run, work, time.monotonic() - start, scorer.pop_timeouts())
 
 
-def engine_load(run: Run, work: EngineWork, seconds: float) -> dict:
-    """How evenly the engines shared the call: busy seconds and sequences, max over mean across engines."""
-    mine = torch.tensor([work.busy_seconds, float(work.sequences), float(run.engine is not None)],
+def engine_load(run: Run, work: EngineWork, seconds: float, timeouts: int) -> dict:
+    """How evenly the engines shared the call (busy seconds and sequences, max over mean across engines) and the
+    reward timeouts of every rank (each scored 0)."""
+    mine = torch.tensor([work.busy_seconds, float(work.sequences), float(run.engine is not None), float(timeouts)],
                         dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         parts = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
@@ -60,5 +61,6 @@ def engine_load(run: Run, work: EngineWork, seconds: float) -> dict:
     seqs = [float(p[1]) for p in engines]
     mean_busy = sum(busy) / max(len(busy), 1)
     return {"perf/rollout_engines": float(len(engines)), "perf/generate_s": seconds,
+            "rollout/reward_timeouts": sum(float(p[3]) for p in parts),
             "perf/engine_busy_max_over_mean": max(busy) / mean_busy if mean_busy > 0 else 1.0,
             "perf/engine_sequences_max_over_mean": max(seqs) / (sum(seqs) / len(seqs)) if sum(seqs) else 1.0}

@@ -21,6 +21,8 @@ from rlad_megatron.step.diagnostics import NonFiniteError
 from rlad_megatron.step.generate import generate_everywhere
 from rlad_megatron.step.run import Run
 
+SUMMED = ("perf/generate_s", "rollout/reward_timeouts")
+
 
 def round_sampling(run: Run, step: int, round_: int) -> SamplingParams:
     """The sampler of one generation round; sequence j of the round samples with seed `seed + j`."""
@@ -41,8 +43,8 @@ def collect_rollouts(run: Run, step: int) -> tuple[RolloutBatch, dict]:
         samples = run.train_prompts.next_batch(need)
         rollouts, rewards, load = generate_everywhere(run, samples, n, round_sampling(run, step, round_), run.scorer,
                                                       f"step {step + 1} rollouts (round {round_ + 1})")
-        metrics = {k: metrics.get(k, 0.0) + v if k == "perf/generate_s" else max(metrics.get(k, 0.0), v)
-                   for k, v in load.items()}  # seconds add up over rounds; load ratios: the worst round
+        metrics = {k: metrics.get(k, 0.0) + v if k in SUMMED else max(metrics.get(k, 0.0), v)
+                   for k, v in load.items()}  # seconds and timeouts add up over rounds; load ratios: the worst
         check_rewards(rewards, step, run.reward.name)
         drawn += need
         informative = dynamic_sampling_mask(torch.tensor(rewards).view(need, n)).tolist()

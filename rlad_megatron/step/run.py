@@ -107,13 +107,15 @@ def build_run(args: Namespace) -> Run:
     teacher = build_teacher_model(args) if needs_teacher else None
     reference = build_reference_model(args) if args.ref_kl_coef > 0 else None
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    reward_spec = RewardSpec(reward, workers=args.reward_workers, format_reward=args.format_reward)
+    reward_spec = RewardSpec(reward, workers=args.reward_workers, format_reward=args.format_reward,
+                             timeout=args.reward_timeout)
+    scorer, eval_scorer = make_scorer(reward_spec), make_scorer(replace(reward_spec, format_reward=0.0))
+    scorer.wait_ready()  # reward worker processes up before the first sample finishes
     return Run(loop=LoopConfig.from_args(args), algo=algo, loss=LossConfig.from_args(args),
                update=UpdateConfig.from_args(args), rollout=RolloutConfig.from_args(args),
                sync=SyncConfig.from_args(args), tokenizer=tokenizer, policy=policy, teacher=teacher,
                reference=reference, engine=engine, train_prompts=PromptStream(train, args.seed), eval_prompts=evals,
-               reward=reward_spec, scorer=make_scorer(reward_spec),
-               eval_scorer=make_scorer(replace(reward_spec, format_reward=0.0)), layout=layout,
+               reward=reward_spec, scorer=scorer, eval_scorer=eval_scorer, layout=layout,
                offloader=build_offloader(args, policy, teacher),
                engine_factory=lambda s, d: build_engine(args, s, layout, d, tokenizer=tokenizer),
                teacher_dir=args.teacher_hf)
@@ -135,14 +137,18 @@ def save_run(run: Run) -> None:
 
 def resume_run(run: Run) -> None:
     """Continue from `--load` (model, optimizer, scheduler, RNG, prompt stream, SFT position) when it holds a
-    checkpoint; a first run of a resumable job starts at step 0."""
-    load = run.loop.load
-    if not load or not (Path(load) / "latest").exists():
+    checkpoint: the one `latest` names, else the newest complete `iter_*` (the preflight said which); a first run
+    of a resumable job starts at step 0."""
+    if not run.loop.load:
         return
     from rlad_megatron.checkpoint import load_checkpoint
+    from rlad_megatron.checkpoint_dirs import resolve_resume
 
+    step, _ = resolve_resume(run.loop.load)
+    if step is None:
+        return
     p = run.policy
-    state = load_checkpoint(load, p.model, p.optimizer, p.scheduler)
+    state = load_checkpoint(run.loop.load, p.model, p.optimizer, p.scheduler, step=step)
     if not state:
         return
     run.state = RunState(step=state["step"], sft_position=state.get("sft_pos", 0))
