@@ -157,7 +157,7 @@ def test_spec_from_hf_config_names_a_missing_field(field: str):
 
 
 def test_spec_from_hf_config_missing_file(tmp_path: Path):
-    with pytest.raises(ValueError, match="no such config.json"):
+    with pytest.raises(ValueError, match="config.json: no such file"):
         spec_from_hf_config(tmp_path)
 
 
