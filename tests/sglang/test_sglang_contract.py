@@ -229,7 +229,7 @@ def test_remote_group_without_sglang_helper(remote, models, monkeypatch):
     """The trainer-side group built by plain torch (no sglang on the trainer) matches SGLang's engine side."""
     import functools
 
-    from rlad_megatron.rollout import sglang_remote
+    from rlad_megatron.rollout.sglang import remote as sglang_remote
 
     monkeypatch.setattr(sglang_remote, "init_weight_group",
                         functools.partial(sglang_remote.init_weight_group, prefer_sglang=False))
