@@ -139,6 +139,8 @@ def build_engine(args: Namespace, spec: ModelSpec, layout: EngineLayout, model_d
 
         return make_sglang_engine(args, model_dir=model_dir or args.student_hf or args.tokenizer, rank=rank)
     if not layout.is_leader(rank):
+        if ranks is not None:  # the leader's engine sizes its KV pool on this rank's GPU too: let it start first
+            dist.barrier(group=ranks.group)
         return None
     if args.rollout_engine == "hf":
         from transformers import AutoConfig
@@ -153,8 +155,11 @@ def build_engine(args: Namespace, spec: ModelSpec, layout: EngineLayout, model_d
         return getattr(importlib.import_module(module), name)(args, spec, tokenizer)
     from rlad_megatron.rollout.sglang.factory import make_sglang_engine
 
-    return make_sglang_engine(args, model_dir=model_dir or args.student_hf or args.tokenizer, rank=rank,
-                              tp_size=layout.gpus_per_engine, ranks=ranks)
+    engine = make_sglang_engine(args, model_dir=model_dir or args.student_hf or args.tokenizer, rank=rank,
+                                tp_size=layout.gpus_per_engine, ranks=ranks)
+    if ranks is not None:
+        dist.barrier(group=ranks.group)
+    return engine
 
 
 def build_offloader(args: Namespace, policy: Policy, teacher: Model | None):

@@ -55,6 +55,23 @@ def test_generic_sglang_flags_pass_through():
         parse_sglang_argv(["2"])
 
 
+def test_remote_engine_flags_and_their_old_names():
+    from rlad_megatron.arguments import parse_args
+
+    base = ["--algo", "grpo", "--student-hf", "m", "--prompt-data", "builtin:addition", "--rollout-engine",
+            "sglang-remote"]
+    args = parse_args([*base, "--sglang-server-url", "http://a:1", "--sglang-server-url", "http://b:2", "http://c:3",
+                       "--sglang-router-url", "http://r:9"])
+    assert args.sglang_server_url == ["http://a:1", "http://b:2", "http://c:3"] and args.sglang_router_url == "http://r:9"
+    old = parse_args([*base, "--sglang-urls", "http://a:1", "--rollout-router-url", "http://r:9"])
+    assert old.sglang_server_url == ["http://a:1"] and old.sglang_router_url == "http://r:9"
+    assert old.rollout_max_inflight == 64 and old.sglang_extra == []
+    with pytest.raises(ValueError, match="--sglang-router-url URL and/or --sglang-server-url"):
+        parse_args(base)
+    with pytest.raises(ValueError, match="--rollout-max-inflight"):
+        parse_args([*base, "--sglang-urls", "http://a:1", "--rollout-max-inflight", "0"])
+
+
 @no_sglang
 def test_cli_without_sglang_keeps_working():
     parser = argparse.ArgumentParser()

@@ -202,6 +202,8 @@ class WeightPeer:
         self.ranks.follow(pack)
         self.buckets += 1
         keep.clear()
+        if named[0][1].is_cuda:  # drop the IPC handles the engine has closed, as the leader does
+            torch.cuda.ipc_collect()
 
     def end_weight_update(self, version: str) -> None:
         self.ranks.follow()
