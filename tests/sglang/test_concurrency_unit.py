@@ -146,9 +146,11 @@ def test_one_request_per_sample_balanced_over_servers_and_in_flight_together(ser
     outs = t.generate(prompts, [{"max_new_tokens": 1}] * 16, return_logprob=True)
     wall = time.perf_counter() - t0
     assert [o["output_ids"] for o in outs] == [[p[-1] + 1] for p in prompts]  # results in row order
-    assert len(a.bodies) == len(b.bodies) == 8, (len(a.bodies), len(b.bodies))
+    # equal servers share the requests (exactly 8/8 unless a busy box finishes some before others are sent)
+    assert len(a.bodies) + len(b.bodies) == 16 and min(len(a.bodies), len(b.bodies)) >= 5, (len(a.bodies),
+                                                                                           len(b.bodies))
     assert all(isinstance(x["input_ids"][0], int) and x["return_logprob"] is True for x in a.bodies + b.bodies)
-    assert t.served == {a.url: 8, b.url: 8} and t.outstanding == {a.url: 0, b.url: 0}
+    assert t.served == {a.url: len(a.bodies), b.url: len(b.bodies)} and t.outstanding == {a.url: 0, b.url: 0}
     assert wall < 16 * 0.2 / 2, wall  # in flight together, not one after the other
     t.close()
 

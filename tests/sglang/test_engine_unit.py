@@ -273,3 +273,41 @@ def test_phase_switches_follow_the_staged_order_and_are_no_ops_on_cpu():
                          ("resume", ("kv_cache", "cuda_graph"))]
     with pytest.raises(KeyError, match="unknown tags"):
         off.offload("teacher")
+
+
+class MemoryTransport:
+    """Test double: a transport that records memory calls (an SGLang 0.5.23 scheduler dies on resuming a tag it
+    never released)."""
+
+    kind, version = "colocated", (0, 5, 23)
+
+    def __init__(self):
+        self.calls = []
+
+    def release(self, tags):
+        self.calls.append(("release", tuple(tags)))
+
+    def resume(self, tags):
+        self.calls.append(("resume", tuple(tags)))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+    def alive(self):
+        return True
+
+
+def test_only_released_memory_is_resumed():
+    t = MemoryTransport()
+    eng = SGLangEngine(t)
+    eng.resume_memory()  # nothing released yet (a fresh or remote engine): nothing sent
+    eng.release_memory()
+    eng.release_memory(["weights"])  # already released
+    eng.resume_memory(["weights"])
+    eng.resume_memory(["weights", "kv_cache", "cuda_graph"])
+    assert t.calls == [("release", ("weights", "kv_cache", "cuda_graph")), ("resume", ("weights",)),
+                       ("resume", ("kv_cache", "cuda_graph"))]
+    client = SGLangEngine(MemoryTransport(), receives_weights=False)
+    client.release_memory()
+    client.resume_memory()
+    assert client._t.calls == []  # the process that pushes the weights manages a remote server's memory

@@ -17,6 +17,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -52,8 +53,13 @@ def deployment(tmp_path_factory):
     servers = []
     router = None
     try:
-        for i in range(2):
-            servers.append(ServerProcess({"model_path": str(other), **SERVER_KW}, log_path=root / f"server{i}.log"))
+        with ThreadPoolExecutor(2) as pool:  # start-ups overlap
+            futures = [pool.submit(ServerProcess, {"model_path": str(other), **SERVER_KW},
+                                   log_path=root / f"server{i}.log") for i in range(2)]
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            servers += [f.result() for f in futures if f.exception() is None]  # stopped below either way
+            if errors:
+                raise errors[0]
         port = free_port()
         with open(root / "router.log", "wb") as log:  # the child keeps its own copy of the fd
             router = subprocess.Popen([sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1",

@@ -320,20 +320,25 @@ class SGLangEngine:
     # ------------------------------------------------------------------------------ memory/control
     def release_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
         """Free engine GPU memory (engine must be idle); a no-op on CPU, as in SGLang, and on a generation client
-        (the process that pushes the weights manages the servers' memory)."""
+        (the process that pushes the weights manages the servers' memory). Tags already released are skipped."""
         self._check_tags(tags)
-        if not self.receives_weights:
+        todo = [t for t in tags if t not in self._released]
+        if not self.receives_weights or not todo:
             return
-        self._call(lambda: self._t.release(tags), "release_memory")
-        self._released.update(tags)
+        self._call(lambda: self._t.release(todo), "release_memory")
+        self._released.update(todo)
 
     def resume_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
-        """Re-allocate released memory. Staged use: ["weights"] -> push -> ["kv_cache", "cuda_graph"]."""
+        """Re-allocate released memory. Staged use: ["weights"] -> push -> ["kv_cache", "cuda_graph"].
+        Only tags this engine released are sent: SGLang 0.5.23's scheduler dies (KeyError in its weight updater)
+        on resuming a tag that was never released."""
         self._check_tags(tags)
+        todo = [t for t in tags if t in self._released]
         if not self.receives_weights:
             return
-        self._call(lambda: self._t.resume(tags), "resume_memory")
-        self._released.difference_update(tags)
+        if todo:
+            self._call(lambda: self._t.resume(todo), "resume_memory")
+            self._released.difference_update(todo)
         if self._flush_pending and "kv_cache" not in self._released:
             self.flush_cache()
 
