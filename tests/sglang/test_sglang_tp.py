@@ -33,6 +33,9 @@ def test_each_engine_tp_rank_loads_its_own_training_ranks_bucket(tmp_path):
     a, b = save_model(tmp_path / "a", 1), save_model(tmp_path / "b", 2)
     env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if not torch.cuda.is_available():  # SGLang on CPU gives each TP rank a NUMA node, or the cores named here
+        ncpu = os.cpu_count() or 2
+        env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", f"0-{ncpu // 2 - 1}|{ncpu // 2}-{ncpu - 1}")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tests/dist/sglang_tp_worker.py"), str(a), str(b)]
     p = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=900, check=False)
