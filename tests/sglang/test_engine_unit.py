@@ -167,16 +167,19 @@ def test_check_logprob_parity():
 PEER = """
 import sys, torch
 from rlad_megatron.rollout.sglang.engine import init_weight_group
-pg = init_weight_group("gloo", "127.0.0.1", int(sys.argv[1]), 2, 1, "unit_group", 60, prefer_sglang=False)
+pg = init_weight_group("gloo", "127.0.0.1", int(sys.argv[1]), 2, 1, sys.argv[2], 60, prefer_sglang=False)
 t = torch.zeros(4)
 torch.distributed.broadcast(t, src=0, group=pg)
 print(t.tolist())
 """
 
 
-def test_torch_only_weight_group_broadcasts_over_gloo():
+@pytest.mark.parametrize("under_torchrun", [False, True])
+def test_torch_only_weight_group_broadcasts_over_gloo(monkeypatch, under_torchrun):
     """The trainer side of the engines' group, built without sglang, is a working gloo group (the peer process
-    stands in for an engine rank)."""
+    stands in for an engine rank), also in a trainer launched by torchrun, whose agent store would otherwise turn
+    the group's store host into a client."""
+    import os
     import socket
     import subprocess
     import sys
@@ -184,9 +187,13 @@ def test_torch_only_weight_group_broadcasts_over_gloo():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)], stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_USE_AGENT_STORE"}
+    if under_torchrun:
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    name = f"unit_group_{int(under_torchrun)}"
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port), name], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, "unit_group", 60, prefer_sglang=False)
+        pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, name, 60, prefer_sglang=False)
         torch.distributed.broadcast(torch.arange(4.0), src=0, group=pg, async_op=True).wait()
         stdout, _ = peer.communicate(timeout=60)
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
 import threading
 import time
@@ -40,12 +41,16 @@ def init_weight_group(backend: str, address: str, port: int, world_size: int, ra
     """Join a process group outside the default one (the trainer's side of SGLang's weight-update group).
 
     Uses SGLang's own `init_custom_process_group` when importable (and `prefer_sglang`), else the same torch
-    recipe (TCP rendezvous, store prefixed by the group name, `_new_process_group_helper`), so the store keys
-    match the engines' and a trainer without sglang installed can drive remote servers.
+    recipe (TCP store at `address:port` hosted by rank 0, prefixed by the group name, `_new_process_group_helper`),
+    so the store keys match the engines' and a trainer without sglang installed can drive remote servers. Under
+    torchrun (`TORCHELASTIC_USE_AGENT_STORE=True`) torch's TCP rendezvous, which SGLang's helper uses, makes every
+    rank a client of torchrun's own store, so nobody would host this group's store and the engines would wait
+    forever: the store is then always created here, explicitly.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     helper = None
-    for mod in ("sglang.srt.utils.common", "sglang.srt.utils") if prefer_sglang else ():
+    under_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    for mod in ("sglang.srt.utils.common", "sglang.srt.utils") if prefer_sglang and not under_agent else ():
         try:
             helper = __import__(mod, fromlist=["init_custom_process_group"]).init_custom_process_group
             break
@@ -54,14 +59,13 @@ def init_weight_group(backend: str, address: str, port: int, world_size: int, ra
         except Exception as e:  # noqa: BLE001 - sglang present but broken: use the plain torch recipe
             log.debug("sglang's init_custom_process_group unavailable: %s", e)
             break
-    init_method = f"tcp://{address}:{port}"
     if helper is not None:
-        return helper(backend=backend, init_method=init_method, timeout=timeout, world_size=world_size, rank=rank,
-                      group_name=group_name)
+        return helper(backend=backend, init_method=f"tcp://{address}:{port}", timeout=timeout,
+                      world_size=world_size, rank=rank, group_name=group_name)
     from torch.distributed import distributed_c10d as c10d
 
-    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    store = torch.distributed.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout,
+                                       multi_tenant=True)
     store = c10d.PrefixStore(group_name, store)
     opts = {"backend_options": None} if parse_version(torch.__version__) >= (2, 6) else {"pg_options": None}
     pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
