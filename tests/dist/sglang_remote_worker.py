@@ -11,7 +11,8 @@ says which server produced it. Three rounds:
     synced   after the first push: every rollout's log-probs match the student's forward on both servers
     updated  after the student changed and the next push: they match the new weights on both servers
 
-argv: <out_dir> <student_hf> <router_url>. Rank 0 prints `ROUND <name> counts={label: n} maxdiff={label: d}`.
+argv: <out_dir> <student_hf> <router_url>. Rank 0 prints `ROUND <name> counts={server label: rollouts}
+ranks={rank: rollouts} maxdiff={server label: max |logp diff|}` per round.
 """
 
 from __future__ import annotations
@@ -42,24 +43,45 @@ def label_servers(run, tag: str) -> None:
     dist.barrier()
 
 
-def one_round(run, tag: str) -> tuple[dict, dict, dict]:
-    """Generate 8 prompts x 4 samples on both clients; per-server rollout counts and max |logp_engine - logp_Megatron|."""
+def one_round(run, tag: str) -> tuple[dict, dict, dict, dict]:
+    """Generate 8 prompts x 4 samples on both clients. Each client records what its engine returned (the server's
+    label travels in each response; the tensor exchange keeps only ids, log-probs and rewards); the records of both
+    ranks must be exactly the exchanged rollouts. Returns rollouts per server label and per rank, max
+    |logp_engine - logp_Megatron| per server label, and the generation perf metrics."""
     label_servers(run, tag)
-    sampling = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=7)
-    rollouts, _, perf = generate_everywhere(run, run.train_prompts.samples[:8], 4, sampling, run.scorer, "lane round")
-    width = max(len(r.prompt_ids) + len(r.output_ids) for r in rollouts)
-    tokens = torch.full((len(rollouts), width), run.pad_id, dtype=torch.long)
-    for i, r in enumerate(rollouts):
-        ids = r.prompt_ids + r.output_ids
-        tokens[i, :len(ids)] = torch.tensor(ids)
+    records, generate = [], run.engine.generate
+
+    def recording(prompts, sampling):
+        outs = generate(prompts, sampling)
+        records.extend((r.weight_version, r.prompt_ids, r.output_ids, r.output_logprobs) for r in outs)
+        return outs
+
+    run.engine.generate = recording
+    try:
+        sampling = SamplingParams(temperature=1.0, max_new_tokens=12, ignore_eos=True, seed=7)
+        rollouts, _, perf = generate_everywhere(run, run.train_prompts.samples[:8], 4, sampling, run.scorer,
+                                                "lane round")
+    finally:
+        run.engine.generate = generate
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, records)
+    recs = [(rank, *rec) for rank, part in enumerate(every) for rec in part]
+    key = lambda prompt, out, lps: (tuple(prompt), tuple(out), tuple(round(x, 6) for x in lps))  # noqa: E731
+    assert sorted(key(*r[2:]) for r in recs) == sorted(
+        key(r.prompt_ids, r.output_ids, r.output_logprobs) for r in rollouts), "exchange != what the engines returned"
+    width = max(len(r[2]) + len(r[3]) for r in recs)
+    tokens = torch.full((len(recs), width), run.pad_id, dtype=torch.long)
+    for i, r in enumerate(recs):
+        tokens[i, :len(r[2]) + len(r[3])] = torch.tensor(r[2] + r[3])
     ref, _ = compute_logprobs(run.policy.model, tokens, temperature=1.0)  # collective over DP: every rank
-    counts, worst = defaultdict(int), defaultdict(float)
-    for i, r in enumerate(rollouts):
-        p, o = len(r.prompt_ids), len(r.output_ids)
-        diff = (torch.tensor(r.output_logprobs, dtype=torch.float64) - ref[i, p - 1:p - 1 + o].double()).abs().max()
-        counts[r.weight_version] += 1
-        worst[r.weight_version] = max(worst[r.weight_version], float(diff))
-    return dict(counts), dict(worst), perf
+    by_server, by_rank, worst = defaultdict(int), defaultdict(int), defaultdict(float)
+    for i, (rank, label, prompt, out, lps) in enumerate(recs):
+        p, o = len(prompt), len(out)
+        diff = (torch.tensor(lps, dtype=torch.float64) - ref[i, p - 1:p - 1 + o].double()).abs().max()
+        by_server[label] += 1
+        by_rank[rank] += 1
+        worst[label] = max(worst[label], float(diff))
+    return dict(by_server), dict(by_rank), dict(worst), perf
 
 
 def main() -> None:
@@ -88,8 +110,8 @@ def main() -> None:
     sync2 = sync_weights(run)
     results["updated"] = one_round(run, "updated")
     if rank == 0:
-        for name, (counts, worst, perf) in results.items():
-            print(f"ROUND {name} counts={counts} maxdiff={ {k: round(v, 6) for k, v in worst.items()} } "
+        for name, (counts, ranks, worst, perf) in results.items():
+            print(f"ROUND {name} counts={counts} ranks={ranks} maxdiff={ {k: float(f'{v:.2e}') for k, v in worst.items()} } "
                   f"clients={perf['perf/rollout_engines']:.0f} generate_s={perf['perf/generate_s']:.2f}", flush=True)
         print(f"SYNC first={sync.get('perf/sync_s', 0):.2f}s probe={sync['rollout/sync_probe_logp_max_diff']:.2e} "
               f"second={sync2.get('perf/sync_s', 0):.2f}s probe={sync2['rollout/sync_probe_logp_max_diff']:.2e}",

@@ -78,8 +78,9 @@ def deployment(tmp_path_factory):
 
 def parse_rounds(log: str) -> dict:
     rounds = {}
-    for m in re.finditer(r"^ROUND (\w+) counts=(\{.*?\}) maxdiff=(\{.*?\}) clients=(\d+)", log, re.MULTILINE):
-        rounds[m.group(1)] = (ast.literal_eval(m.group(2)), ast.literal_eval(m.group(3)), int(m.group(4)))
+    pattern = r"^ROUND (\w+) counts=(\{.*?\}) ranks=(\{.*?\}) maxdiff=(\{.*?\}) clients=(\d+)"
+    for m in re.finditer(pattern, log, re.MULTILINE):
+        rounds[m.group(1)] = (*(ast.literal_eval(m.group(k)) for k in (2, 3, 4)), int(m.group(5)))
     return rounds
 
 
@@ -94,8 +95,8 @@ def test_rollouts_split_across_servers_and_weight_updates_reach_both(deployment)
     print("\n" + "\n".join(x for x in p.stdout.splitlines() if x.startswith(("ROUND", "SYNC"))))
     rounds = parse_rounds(p.stdout)
     assert set(rounds) == {"before", "synced", "updated"}, p.stdout
-    for name, (counts, worst, clients) in rounds.items():
-        assert clients == 2, (name, clients)  # both ranks generated
+    for name, (counts, ranks, worst, clients) in rounds.items():
+        assert clients == 2 and set(ranks) == {0, 1}, (name, clients, ranks)  # both ranks generated
         assert set(counts) == {f"{name}@0", f"{name}@1"}, (name, counts)  # both servers served rollouts
         assert sum(counts.values()) == 32 and min(counts.values()) >= 4, (name, counts)
         if name == "before":  # the servers' start-up model is not the student: the check can fail
