@@ -15,6 +15,7 @@ that says how to install it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import torch
@@ -60,7 +61,15 @@ class LocalTransport:
         self._start()
 
     def _start(self) -> None:
-        self.engine = self._sglang.Engine(**self.server_kwargs)
+        # under torchrun, TORCHELASTIC_USE_AGENT_STORE makes torch's tcp:// rendezvous a client of torchrun's own
+        # store: the engine's schedulers (which inherit the environment) would never find the store of their own
+        # process group and wait forever. They are not part of the training job's store: start them without it.
+        saved = os.environ.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        try:
+            self.engine = self._sglang.Engine(**self.server_kwargs)
+        finally:
+            if saved is not None:
+                os.environ["TORCHELASTIC_USE_AGENT_STORE"] = saved
         self.has_session = hasattr(self.engine, "begin_weight_update")
         self.pump = LoopPump(self.engine.loop)
 
