@@ -56,6 +56,7 @@ def test_generic_sglang_flags_pass_through():
 
 
 def test_remote_engine_flags_and_their_old_names():
+    pytest.importorskip("megatron.core", reason="the project's argument parser imports Megatron (not in the lane venv)")
     from rlad_megatron.arguments import parse_args
 
     base = ["--algo", "grpo", "--student-hf", "m", "--prompt-data", "builtin:addition", "--rollout-engine",
