@@ -132,7 +132,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-stop-token-ids", type=int, nargs="*", default=[])
     g.add_argument("--update-weight-buffer-size", type=int, default=512 * 2**20, help="bytes per bucket")
     g.add_argument("--check-weight-sync", action="store_true", help="engine vs Megatron log-probs after each sync")
-    g.add_argument("--sglang-urls", nargs="*", default=[], help="remote SGLang servers (--rollout-engine sglang-remote)")
 
     g = p.add_argument_group("data and rewards")
     g.add_argument("--prompt-data", required=False, default=None,
@@ -165,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from rlad_megatron.fp8 import add_fp8_args
     from rlad_megatron.rollout.sglang.args import add_sglang_args
-    from rlad_megatron.rollout.sglang.engine import add_rollout_engine_args
+    from rlad_megatron.rollout.sglang.factory import add_rollout_engine_args
 
     add_fp8_args(p)
     add_rollout_engine_args(p)
@@ -212,6 +211,10 @@ def validate(args: argparse.Namespace) -> None:
                              "padded micro-batches")
     if args.rollout_chunk_groups < 1 or args.rollout_num_gpus_per_engine < 1:
         raise ValueError("--rollout-chunk-groups and --rollout-num-gpus-per-engine must be >= 1")
+    if args.rollout_max_inflight < 1 or args.rollout_max_requests < 1:
+        raise ValueError("--rollout-max-inflight and --rollout-max-requests must be >= 1")
+    if args.rollout_engine == "sglang-remote" and not (args.sglang_router_url or args.sglang_server_url):
+        raise ValueError("--rollout-engine sglang-remote needs --sglang-router-url URL and/or --sglang-server-url URL")
     if args.distributed_timeout_minutes <= 0:
         raise ValueError(f"--distributed-timeout-minutes must be > 0, got {args.distributed_timeout_minutes}")
     if args.save_interval and not args.save:

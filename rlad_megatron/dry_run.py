@@ -60,8 +60,10 @@ def dry_run(args: Namespace) -> None:
             notes.append(f"--{flag.replace('_', '-')}: {src} not found here (checked at start-up)")
     from rlad_megatron.rollout.layout import EngineLayout
 
-    notes.append(f"rollout: {EngineLayout(world, args.rollout_num_gpus_per_engine).describe()}"
-                 if args.rollout_engine != "sglang-remote" else "rollout: remote SGLang servers")
+    engines = EngineLayout(world, args.rollout_num_gpus_per_engine)
+    notes.append(f"rollout: {engines.describe()}" if args.rollout_engine != "sglang-remote" else
+                 f"rollout: remote SGLang servers ({args.sglang_router_url or 'no router'}; "
+                 f"{len(args.sglang_server_url)} server URL(s)); every rank a client, rank 0 pushes the weights")
     print(f"dry run OK: algo={args.algo} world={world} student TP={args.tensor_model_parallel_size} "
           f"PP={args.pipeline_model_parallel_size} CP={args.context_parallel_size} DP={dp}; teacher "
           f"TP={args.teacher_tensor_model_parallel_size} PP={args.teacher_pipeline_model_parallel_size}; "

@@ -158,15 +158,15 @@ def push_weights(
 ) -> SyncStats:
     """Send a full set of HF-named weights to `engine` in one session and label it `version`.
 
-    `dtype` (cast target for floating tensors) defaults to `engine.update_dtype`. On an error the exception
-    propagates and the session is left to the engine (its `end_weight_update` would refuse an incomplete set);
-    a later push starts a fresh session.
+    `dtype` (cast target for floating tensors) defaults to `engine.update_dtype`, read once the session is open
+    (an engine TP peer learns it from its leader then). On an error the exception propagates and the session is
+    left to the engine (its `end_weight_update` would refuse an incomplete set); a later push starts a fresh session.
     """
-    if dtype is None:
-        dtype = getattr(engine, "update_dtype", None)
     t0 = time.perf_counter()
     n_bytes = n_tensors = n_buckets = 0
     engine.begin_weight_update()
+    if dtype is None:
+        dtype = getattr(engine, "update_dtype", None)
     for bucket in iter_buckets(cast_named_tensors(named_tensors, dtype), bucket_bytes):
         engine.update_weights(bucket)
         n_buckets += 1

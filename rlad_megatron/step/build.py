@@ -100,15 +100,47 @@ def build_reference_model(args: Namespace) -> Model:
                               pp=args.pipeline_model_parallel_size)
 
 
+_ENGINE_RANKS: dict = {}
+
+
+def engine_ranks(args: Namespace, layout: EngineLayout):
+    """The gloo group of this rank's colocated SGLang engine when it spans several ranks (TP > 1), else None.
+    Built once per layout (collectively, on first use by every rank)."""
+    if args.rollout_engine != "sglang" or layout.gpus_per_engine == 1 or not dist.is_initialized():
+        return None
+    key = (layout.world, layout.gpus_per_engine)
+    if key not in _ENGINE_RANKS:
+        from rlad_megatron.rollout.sglang.engine_ranks import build_engine_ranks
+
+        _ENGINE_RANKS[key] = build_engine_ranks(layout, dist.get_rank())
+    return _ENGINE_RANKS[key]
+
+
+def build_weight_peer(args: Namespace, layout: EngineLayout):
+    """On a non-leader rank of a TP > 1 colocated SGLang engine: what it pushes its weights into (each engine TP
+    rank loads from the training rank on its GPU); None elsewhere."""
+    ranks = engine_ranks(args, layout)
+    if ranks is None:
+        return None
+    from rlad_megatron.rollout.sglang.factory import make_weight_peer
+
+    return make_weight_peer(ranks)
+
+
 def build_engine(args: Namespace, spec: ModelSpec, layout: EngineLayout, model_dir: str | None = None, *, tokenizer):
     """This rank's rollout engine: one per `--rollout-num-gpus-per-engine` ranks, on the group's first rank (None on
-    the others); remote SGLang servers are driven from rank 0. It starts with dummy weights and receives the real
-    ones through the weight-sync path, as SGLang does. `--rollout-engine module.path:factory` builds a custom engine
-    with `factory(args, spec, tokenizer)`."""
+    the others); with remote SGLang servers every rank is a client (rank 0's pushes the weights). It starts with
+    dummy weights and receives the real ones through the weight-sync path, as SGLang does. `--rollout-engine
+    module.path:factory` builds a custom engine with `factory(args, spec, tokenizer)`."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if args.rollout_engine == "sglang-remote" and rank != 0:
-        return None
+    ranks = engine_ranks(args, layout)  # collective on first use: before any rank returns
+    if args.rollout_engine == "sglang-remote":
+        from rlad_megatron.rollout.sglang.factory import make_sglang_engine
+
+        return make_sglang_engine(args, model_dir=model_dir or args.student_hf or args.tokenizer, rank=rank)
     if not layout.is_leader(rank):
+        if ranks is not None:  # the leader's engine sizes its KV pool on this rank's GPU too: let it start first
+            dist.barrier(group=ranks.group)
         return None
     if args.rollout_engine == "hf":
         from transformers import AutoConfig
@@ -121,9 +153,13 @@ def build_engine(args: Namespace, spec: ModelSpec, layout: EngineLayout, model_d
     if ":" in args.rollout_engine:
         module, _, name = args.rollout_engine.partition(":")
         return getattr(importlib.import_module(module), name)(args, spec, tokenizer)
-    from rlad_megatron.rollout.sglang.engine import make_sglang_engine
+    from rlad_megatron.rollout.sglang.factory import make_sglang_engine
 
-    return make_sglang_engine(args, model_dir=model_dir or args.student_hf or args.tokenizer)
+    engine = make_sglang_engine(args, model_dir=model_dir or args.student_hf or args.tokenizer, rank=rank,
+                                tp_size=layout.gpus_per_engine, ranks=ranks)
+    if ranks is not None:
+        dist.barrier(group=ranks.group)
+    return engine
 
 
 def build_offloader(args: Namespace, policy: Policy, teacher: Model | None):

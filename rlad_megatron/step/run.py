@@ -28,6 +28,7 @@ from rlad_megatron.step.build import (
     build_policy,
     build_reference_model,
     build_teacher_model,
+    build_weight_peer,
     model_spec,
 )
 from rlad_megatron.step.configs import LoopConfig, RolloutConfig, SyncConfig
@@ -55,7 +56,8 @@ class Run:
     policy: Policy
     teacher: Model | None
     reference: Model | None  # frozen initial student for --ref-kl-coef (beta * KL(student || reference))
-    engine: RolloutEngine | None  # this rank's engine: on every engine leader rank (`layout`), None elsewhere
+    engine: RolloutEngine | None  # this rank's engine: on every engine leader rank (`layout`), None elsewhere;
+    # remote SGLang: a client on every rank (rank 0's also pushes the weights)
     train_prompts: PromptStream
     eval_prompts: list[PromptSample]
     reward: RewardSpec
@@ -63,6 +65,7 @@ class Run:
     eval_scorer: Scorer  # the same reward without the format bonus (Mean@k averages the scores)
     layout: EngineLayout
     offloader: object = None  # colocated SGLang on GPU: moves student/optimizer/teacher out while it generates
+    weight_peer: object = None  # non-leader rank of a TP > 1 colocated SGLang engine: pushes its own payloads
     state: RunState = field(default_factory=RunState)
     engine_holds: str | None = None  # label of the weights the engine holds now; None: none (dummy or released)
     sft_traces: list[Rollout] = field(default_factory=list)
@@ -101,6 +104,7 @@ def build_run(args: Namespace) -> Run:
     layout = EngineLayout(dist.get_world_size() if dist.is_initialized() else 1, args.rollout_num_gpus_per_engine)
     # colocated engines first: SGLang sizes its KV pool from the memory free at start-up; then they step aside
     engine = build_engine(args, spec, layout, tokenizer=tokenizer)
+    weight_peer = build_weight_peer(args, layout)
     if engine is not None and getattr(engine, "mode", "colocated") != "remote":
         engine.release_memory(ALL_ENGINE_TAGS)
     policy = build_policy(args, spec)
@@ -116,7 +120,7 @@ def build_run(args: Namespace) -> Run:
                sync=SyncConfig.from_args(args), tokenizer=tokenizer, policy=policy, teacher=teacher,
                reference=reference, engine=engine, train_prompts=PromptStream(train, args.seed), eval_prompts=evals,
                reward=reward_spec, scorer=scorer, eval_scorer=eval_scorer, layout=layout,
-               offloader=build_offloader(args, policy, teacher),
+               offloader=build_offloader(args, policy, teacher), weight_peer=weight_peer,
                engine_factory=lambda s, d: build_engine(args, s, layout, d, tokenizer=tokenizer),
                teacher_dir=args.teacher_hf)
 

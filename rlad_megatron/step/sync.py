@@ -64,18 +64,27 @@ def release_engines(run: Run) -> None:
 
 def push(run: Run, model: Model | None, label: str) -> dict:
     """Export (collective: every rank gets the full HF-named tensors) and push into this rank's engine, if it leads
-    one: every engine gets its weights from its own rank's copy."""
+    one: every engine gets its weights from its own rank's copy. A non-leader rank of a TP > 1 SGLang engine pushes
+    into its `weight_peer` (the engine TP rank on its GPU loads that rank's buffer). Remote servers get them from
+    rank 0; the other ranks (clients of the same servers) wait for that push before they generate."""
     from rlad_megatron.convert import export_hf_weights
     from rlad_megatron.rollout.weight_sync import push_weights
 
     t0 = time.perf_counter()
     stream = export_hf_weights(model or run.policy.model)
-    if run.engine is not None:
-        stats = push_weights(run.engine, stream, version=label, bucket_bytes=run.sync.bucket_bytes)
-        return {"perf/sync_s": stats.seconds, "perf/sync_buckets": float(stats.buckets)}
-    for _ in stream:
-        pass
-    return {"perf/sync_s": time.perf_counter() - t0}
+    target = run.engine if getattr(run.engine, "receives_weights", True) else None
+    target = target if target is not None else run.weight_peer
+    out = {"perf/sync_s": 0.0}
+    if target is not None:
+        stats = push_weights(target, stream, version=label, bucket_bytes=run.sync.bucket_bytes)
+        out["perf/sync_buckets"] = float(stats.buckets)
+    else:
+        for _ in stream:
+            pass
+    if getattr(run.engine, "mode", None) == "remote":
+        platform.barrier()
+    out["perf/sync_s"] = time.perf_counter() - t0
+    return out
 
 
 def check_sync(run: Run) -> float:

@@ -55,6 +55,24 @@ def test_generic_sglang_flags_pass_through():
         parse_sglang_argv(["2"])
 
 
+def test_remote_engine_flags_and_their_old_names():
+    pytest.importorskip("megatron.core", reason="the project's argument parser imports Megatron (not in the lane venv)")
+    from rlad_megatron.arguments import parse_args
+
+    base = ["--algo", "grpo", "--student-hf", "m", "--prompt-data", "builtin:addition", "--rollout-engine",
+            "sglang-remote"]
+    args = parse_args([*base, "--sglang-server-url", "http://a:1", "--sglang-server-url", "http://b:2", "http://c:3",
+                       "--sglang-router-url", "http://r:9"])
+    assert args.sglang_server_url == ["http://a:1", "http://b:2", "http://c:3"] and args.sglang_router_url == "http://r:9"
+    old = parse_args([*base, "--sglang-urls", "http://a:1", "--rollout-router-url", "http://r:9"])
+    assert old.sglang_server_url == ["http://a:1"] and old.sglang_router_url == "http://r:9"
+    assert old.rollout_max_inflight == 64 and old.sglang_extra == []
+    with pytest.raises(ValueError, match="--sglang-router-url URL and/or --sglang-server-url"):
+        parse_args(base)
+    with pytest.raises(ValueError, match="--rollout-max-inflight"):
+        parse_args([*base, "--sglang-urls", "http://a:1", "--rollout-max-inflight", "0"])
+
+
 @no_sglang
 def test_cli_without_sglang_keeps_working():
     parser = argparse.ArgumentParser()
@@ -150,16 +168,19 @@ def test_check_logprob_parity():
 PEER = """
 import sys, torch
 from rlad_megatron.rollout.sglang.engine import init_weight_group
-pg = init_weight_group("gloo", "127.0.0.1", int(sys.argv[1]), 2, 1, "unit_group", 60, prefer_sglang=False)
+pg = init_weight_group("gloo", "127.0.0.1", int(sys.argv[1]), 2, 1, sys.argv[2], 60, prefer_sglang=False)
 t = torch.zeros(4)
 torch.distributed.broadcast(t, src=0, group=pg)
 print(t.tolist())
 """
 
 
-def test_torch_only_weight_group_broadcasts_over_gloo():
+@pytest.mark.parametrize("under_torchrun", [False, True])
+def test_torch_only_weight_group_broadcasts_over_gloo(monkeypatch, under_torchrun):
     """The trainer side of the engines' group, built without sglang, is a working gloo group (the peer process
-    stands in for an engine rank)."""
+    stands in for an engine rank), also in a trainer launched by torchrun, whose agent store would otherwise turn
+    the group's store host into a client."""
+    import os
     import socket
     import subprocess
     import sys
@@ -167,9 +188,13 @@ def test_torch_only_weight_group_broadcasts_over_gloo():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port)], stdout=subprocess.PIPE, text=True)
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_USE_AGENT_STORE"}
+    if under_torchrun:
+        monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    name = f"unit_group_{int(under_torchrun)}"
+    peer = subprocess.Popen([sys.executable, "-c", PEER, str(port), name], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, "unit_group", 60, prefer_sglang=False)
+        pg = init_weight_group("gloo", "127.0.0.1", port, 2, 0, name, 60, prefer_sglang=False)
         torch.distributed.broadcast(torch.arange(4.0), src=0, group=pg, async_op=True).wait()
         stdout, _ = peer.communicate(timeout=60)
     finally:
@@ -256,3 +281,41 @@ def test_phase_switches_follow_the_staged_order_and_are_no_ops_on_cpu():
                          ("resume", ("kv_cache", "cuda_graph"))]
     with pytest.raises(KeyError, match="unknown tags"):
         off.offload("teacher")
+
+
+class MemoryTransport:
+    """Test double: a transport that records memory calls (an SGLang 0.5.23 scheduler dies on resuming a tag it
+    never released)."""
+
+    kind, version = "colocated", (0, 5, 23)
+
+    def __init__(self):
+        self.calls = []
+
+    def release(self, tags):
+        self.calls.append(("release", tuple(tags)))
+
+    def resume(self, tags):
+        self.calls.append(("resume", tuple(tags)))
+
+    def flush(self):
+        self.calls.append(("flush",))
+
+    def alive(self):
+        return True
+
+
+def test_only_released_memory_is_resumed():
+    t = MemoryTransport()
+    eng = SGLangEngine(t)
+    eng.resume_memory()  # nothing released yet (a fresh or remote engine): nothing sent
+    eng.release_memory()
+    eng.release_memory(["weights"])  # already released
+    eng.resume_memory(["weights"])
+    eng.resume_memory(["weights", "kv_cache", "cuda_graph"])
+    assert t.calls == [("release", ("weights", "kv_cache", "cuda_graph")), ("resume", ("weights",)),
+                       ("resume", ("kv_cache", "cuda_graph"))]
+    client = SGLangEngine(MemoryTransport(), receives_weights=False)
+    client.release_memory()
+    client.resume_memory()
+    assert client._t.calls == []  # the process that pushes the weights manages a remote server's memory

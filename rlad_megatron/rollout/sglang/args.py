@@ -17,7 +17,7 @@ import re
 from collections.abc import Sequence
 
 PREFIX = "--sglang-"
-DEST = "sgl__"  # namespace dest prefix; distinct from the project's own --sglang-urls (dest sglang_urls)
+DEST = "sgl__"  # namespace dest prefix; distinct from the project's own --sglang-server-url / --sglang-router-url
 
 
 def import_sglang():

@@ -1,10 +1,11 @@
 """SGLang rollout engine behind `RolloutEngine`: colocated (in-process `sglang.Engine`) or remote (HTTP servers).
 
 One class, `SGLangEngine`, holds the protocol logic (sampling-param mapping and log-prob triples -> `Rollout` via
-`sglang_io`, prefill scoring, weight-update sessions, FP8 re-quantisation, restart-once) over one of two transports
-(`sglang_transport.Transport`): `LocalTransport` (`sglang_colocated`, the default on GPU) or `HTTPTransport`
-(`sglang_remote`; servers this process starts are `sglang_server.ServerProcess`). The parity check to run after a
-weight sync is `sglang_parity.check_logprob_parity`. Those modules' public names are re-exported here.
+`io`, prefill scoring, weight-update sessions, FP8 re-quantisation, restart-once) over one of two transports
+(`transport.Transport`): `LocalTransport` (`colocated`, the default on GPU) or `HTTPTransport` (`remote`; servers
+this process starts are `server.ServerProcess`). With engine TP > 1 the engine's training ranks take part in every
+weight update (`engine_ranks`). The parity check to run after a weight sync is `parity.check_logprob_parity`. Those
+modules' public names are re-exported here; `factory` builds engines from the flags.
 
 SGLang >= 0.5.21 refuses weight updates outside `begin_weight_update` / `end_weight_update`; both are sent when the
 engine has them (feature-detected), older engines get client-side sessions only. Staged memory (slime):
@@ -33,8 +34,8 @@ from rlad_megatron.rollout.base import (
     WeightUpdateError,
     check_score_args,
 )
-from rlad_megatron.rollout.sglang.args import sglang_kwargs_from_args
 from rlad_megatron.rollout.sglang.colocated import LocalTransport, require_sglang
+from rlad_megatron.rollout.sglang.engine_ranks import bucket_digest, check_local_tp, dtype_name
 from rlad_megatron.rollout.sglang.io import _tail_logprobs, rollout_from_output, sampling_dict
 from rlad_megatron.rollout.sglang.parity import LogprobParityError, check_logprob_parity, tail_logprobs
 from rlad_megatron.rollout.sglang.remote import HTTPTransport, init_weight_group
@@ -51,16 +52,26 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "half": torch.f
 class SGLangEngine:
     """`RolloutEngine` over SGLang. Build with `SGLangEngine.colocated(...)` or `SGLangEngine.remote(...)`.
 
-    `fp8_block`: push block-FP8 weights (`rlad_megatron.rollout.sglang.fp8_weights.quantize_named_tensors`) to an engine launched with an
-    FP8 `quantization_config`. `on_restart(engine)`: called after the engine died and was restarted once (re-push
-    the weights there); without it a restart with non-initial weights raises, since the rollouts would be stale.
+    `fp8_block`: push block-FP8 weights (`fp8_weights.quantize_named_tensors`) to an engine launched with an FP8
+    `quantization_config`. `on_restart(engine)`: called after the engine died and was restarted once (re-push the
+    weights there); without it a restart with non-initial weights raises, since the rollouts would be stale.
+    `concurrency`: generate calls a caller may have in flight at once (`dispatch.run_engine` runs that many worker
+    threads; the engine batches their requests). `receives_weights=False`: a generation-only client of remote
+    servers whose weights another process pushes (weight calls raise). With engine TP > 1 and a colocated
+    transport that has `ranks` (`engine_ranks.EngineRanks`), every weight-update step is a collective of the
+    engine's training ranks (each contributes its own payload, see `engine_ranks`).
     """
 
     def __init__(self, transport: Transport, *, vocab_size: int | None = None, update_dtype: torch.dtype | None = None,
                  fp8_block: tuple[int, int] | None = None, weight_version: str = "default",
                  deterministic: bool = False, on_restart: Callable[[SGLangEngine], None] | None = None,
-                 max_restarts: int = 1) -> None:
+                 max_restarts: int = 1, concurrency: int = 1, receives_weights: bool = True) -> None:
+        if concurrency < 1:
+            raise ValueError(f"SGLangEngine: concurrency must be >= 1 (--rollout-max-inflight), got {concurrency}")
         self._t = transport
+        self._ranks = getattr(transport, "ranks", None)
+        self.concurrency = concurrency
+        self.receives_weights = receives_weights
         self.vocab_size = vocab_size
         self._update_dtype = update_dtype
         self.fp8_block = fp8_block
@@ -76,19 +87,24 @@ class SGLangEngine:
 
     # -------------------------------------------------------------------------------- construction
     @classmethod
-    def colocated(cls, model_path: str | os.PathLike, *, server_kwargs: dict | None = None, **engine_kw) -> SGLangEngine:
-        """In-process `sglang.Engine` on this process's GPU (`base_gpu_id` = current device), sized to share it
-        with Megatron: `enable_memory_saver=True`, `mem_fraction_static=0.5`, token-id I/O; any `server_kwargs`
-        (e.g. from `--sglang-*`) win. On a CPU-only machine: `device="cpu"`, torch-native attention, and
-        `SGLANG_USE_CPU_ENGINE=1` (the contract lane)."""
-        kw = {"model_path": str(model_path), "skip_tokenizer_init": True, "log_level": "error"}
+    def colocated(cls, model_path: str | os.PathLike, *, server_kwargs: dict | None = None, tp_size: int = 1,
+                  ranks=None, **engine_kw) -> SGLangEngine:
+        """In-process `sglang.Engine` on the GPUs of this process and the next `tp_size - 1` ranks of its node
+        (`base_gpu_id` = LOCAL_RANK), sized to share them with Megatron: `enable_memory_saver=True`,
+        `mem_fraction_static=0.5`, token-id I/O; any `server_kwargs` (e.g. from `--sglang-*`) win. `ranks`: the
+        engine's training ranks when `tp_size` > 1 (each TP rank loads from its own rank's buffer). On a CPU-only
+        machine: `device="cpu"`, torch-native attention, and `SGLANG_USE_CPU_ENGINE=1` (the contract lane)."""
+        kw = {"model_path": str(model_path), "skip_tokenizer_init": True, "log_level": "error", "tp_size": tp_size}
         if torch.cuda.is_available():
-            kw.update(enable_memory_saver=True, mem_fraction_static=0.5, base_gpu_id=torch.cuda.current_device())
+            local_rank = int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", torch.cuda.device_count()))
+            kw.update(enable_memory_saver=True, mem_fraction_static=0.5,
+                      base_gpu_id=check_local_tp(tp_size, local_rank, local_world))
         else:
             os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
             kw.update(device="cpu", attention_backend="torch_native", max_total_tokens=8192)
         kw.update(server_kwargs or {})
-        transport = LocalTransport(kw)
+        transport = LocalTransport(kw, ranks=ranks)
         engine_kw.setdefault("vocab_size", _config_value(kw["model_path"], "vocab_size"))
         engine_kw.setdefault("update_dtype", _engine_dtype(kw.get("dtype"), kw["model_path"]))
         engine_kw.setdefault("deterministic", bool(kw.get("enable_deterministic_inference")))
@@ -96,14 +112,15 @@ class SGLangEngine:
         return cls(transport, **engine_kw)
 
     @classmethod
-    def remote(cls, urls: Sequence[str], *, router_url: str | None = None, timeout_s: float = 600.0,
+    def remote(cls, urls: Sequence[str] = (), *, router_url: str | None = None, timeout_s: float = 600.0,
                update_timeout_s: float = 300.0, sync_backend: str | None = None,
                servers: Sequence[ServerProcess] = (), model_path: str | os.PathLike | None = None,
-               **engine_kw) -> SGLangEngine:
-        """SGLang servers at `urls` (and optionally an `sglang-router` at `router_url` for generation).
-        `sync_backend`: the weight broadcast backend, nccl on GPU / gloo on CPU by default."""
+               max_requests: int = 256, **engine_kw) -> SGLangEngine:
+        """SGLang servers at `urls` and/or an `sglang-router` at `router_url` (generation goes through it; without
+        `urls` the servers are the router's workers). One HTTP request per sample, at most `max_requests` in
+        flight from this process. `sync_backend`: the weight broadcast backend, nccl on GPU / gloo on CPU."""
         transport = HTTPTransport(urls, router_url=router_url, timeout_s=timeout_s, update_timeout_s=update_timeout_s,
-                                  sync_backend=sync_backend, servers=servers)
+                                  sync_backend=sync_backend, servers=servers, max_requests=max_requests)
         info = transport.server_info
         path = model_path or info.get("model_path")
         if path and Path(path).is_dir():
@@ -183,7 +200,10 @@ class SGLangEngine:
         if len(outs) != len(prompts):
             raise RuntimeError(f"SGLang returned {len(outs)} results for {len(prompts)} prompts")
         client_stops = sampling.stop_token_ids if sampling.ignore_eos else ()
-        return [rollout_from_output(p, o, self._version, client_stops) for p, o in zip(prompts, outs, strict=True)]
+        # a remote server reports the label its weights were pushed with (by this or another process)
+        remote = self.mode == "remote"
+        return [rollout_from_output(p, o, (remote and o.get("meta_info", {}).get("weight_version")) or self._version,
+                                    client_stops) for p, o in zip(prompts, outs, strict=True)]
 
     def score(self, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int],
               temperature: float = 1.0) -> list[list[float]]:
@@ -224,60 +244,101 @@ class SGLangEngine:
         return result
 
     # ---------------------------------------------------------------------------------- weight sync
+    def _step(self, fn: Callable[[list | None], None], *, digest: str | None = None, failed=None) -> None:
+        """One weight-update step; with engine TP ranks, a collective in which they contribute (`engine_ranks`)."""
+        if not self.receives_weights:
+            raise WeightUpdateError("this SGLangEngine is a generation client of remote servers; rank 0 pushes the "
+                                    "weights")
+        if self._ranks is None:
+            if failed is not None:
+                raise failed
+            fn(None)
+            return
+        info = {"update_dtype": dtype_name(self._update_dtype), "fp8_block": self.fp8_block}
+        self._ranks.lead(fn, digest=digest, info=info, failed=failed)
+
     def begin_weight_update(self) -> None:
-        if self._closed:
-            raise WeightUpdateError("SGLangEngine is shut down")
-        if self._session:
-            log.warning("SGLangEngine: begin_weight_update() with a session open; closing it first")
-            self._call(self._t.end, "end_weight_update")
-            self._session = False
-        self._call(self._t.begin, "begin_weight_update")
-        self._session = True
+        def begin(_peers) -> None:
+            if self._closed:
+                raise WeightUpdateError("SGLangEngine is shut down")
+            if self._session:
+                log.warning("SGLangEngine: begin_weight_update() with a session open; closing it first")
+                self._call(self._t.end, "end_weight_update")
+                self._session = False
+            self._call(self._t.begin, "begin_weight_update")
+            self._session = True
+
+        self._step(begin)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load one bucket of HF-named tensors (one flattened payload / broadcast per bucket)."""
-        if not self._session:
-            raise WeightUpdateError("update_weights must run between begin_weight_update() and end_weight_update()")
-        named = [(n, t) for n, t in named_tensors]
-        if not named:
-            return
-        if self.fp8_block is not None:
-            from rlad_megatron.rollout.sglang.fp8_weights import quantize_named_tensors
-
-            named = quantize_named_tensors(named, block=self.fp8_block)
+        failed, named = None, []
         try:
-            self._call(lambda: self._t.load_bucket(named), "update_weights")
-        except WeightUpdateError:
-            raise
-        except Exception as e:
-            raise WeightUpdateError(f"SGLang update_weights failed: {type(e).__name__}: {e}") from e
+            if not self._session:
+                raise WeightUpdateError("update_weights must run between begin_weight_update() and "
+                                        "end_weight_update()")
+            named = [(n, t) for n, t in named_tensors]
+            if named and self.fp8_block is not None:
+                from rlad_megatron.rollout.sglang.fp8_weights import quantize_named_tensors
+
+                named = quantize_named_tensors(named, block=self.fp8_block)
+        except Exception as e:  # noqa: BLE001 - reported to the engine's other ranks, then raised
+            failed = e
+        if not named and failed is None:
+            return
+
+        def load(peers) -> None:
+            try:
+                if peers is None:
+                    self._call(lambda: self._t.load_bucket(named), "update_weights")
+                else:
+                    self._call(lambda: self._t.load_bucket(named, peers), "update_weights")
+            except WeightUpdateError:
+                raise
+            except Exception as e:
+                raise WeightUpdateError(f"SGLang update_weights failed: {type(e).__name__}: {e}") from e
+
+        self._step(load, digest=bucket_digest(named) if failed is None else "", failed=failed)
 
     def end_weight_update(self, version: str) -> None:
-        if not self._session:
-            raise WeightUpdateError("end_weight_update() without begin_weight_update()")
-        self._session = False
-        self._call(self._t.end, "end_weight_update")
-        self._version = str(version)
-        try:
-            self._t.set_version(self._version)
-        except Exception as e:  # noqa: BLE001 - the label is ours; an engine without the endpoint keeps serving
-            log.debug("update_weight_version failed: %s", e)
-        self._flush_pending = True
-        if "kv_cache" not in self._released:
-            self.flush_cache()
+        def end(_peers) -> None:
+            if not self._session:
+                raise WeightUpdateError("end_weight_update() without begin_weight_update()")
+            self._session = False
+            self._call(self._t.end, "end_weight_update")
+            self._version = str(version)
+            try:
+                self._t.set_version(self._version)
+            except Exception as e:  # noqa: BLE001 - the label is ours; an engine without the endpoint keeps serving
+                log.debug("update_weight_version failed: %s", e)
+            self._flush_pending = True
+            if "kv_cache" not in self._released:
+                self.flush_cache()
+
+        self._step(end)
 
     # ------------------------------------------------------------------------------ memory/control
     def release_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
-        """Free engine GPU memory (engine must be idle); a no-op on CPU, as in SGLang."""
+        """Free engine GPU memory (engine must be idle); a no-op on CPU, as in SGLang, and on a generation client
+        (the process that pushes the weights manages the servers' memory). Tags already released are skipped."""
         self._check_tags(tags)
-        self._call(lambda: self._t.release(tags), "release_memory")
-        self._released.update(tags)
+        todo = [t for t in tags if t not in self._released]
+        if not self.receives_weights or not todo:
+            return
+        self._call(lambda: self._t.release(todo), "release_memory")
+        self._released.update(todo)
 
     def resume_memory(self, tags: Sequence[str] = ALL_TAGS) -> None:
-        """Re-allocate released memory. Staged use: ["weights"] -> push -> ["kv_cache", "cuda_graph"]."""
+        """Re-allocate released memory. Staged use: ["weights"] -> push -> ["kv_cache", "cuda_graph"].
+        Only tags this engine released are sent: SGLang 0.5.23's scheduler dies (KeyError in its weight updater)
+        on resuming a tag that was never released."""
         self._check_tags(tags)
-        self._call(lambda: self._t.resume(tags), "resume_memory")
-        self._released.difference_update(tags)
+        todo = [t for t in tags if t in self._released]
+        if not self.receives_weights:
+            return
+        if todo:
+            self._call(lambda: self._t.resume(todo), "resume_memory")
+            self._released.difference_update(todo)
         if self._flush_pending and "kv_cache" not in self._released:
             self.flush_cache()
 
@@ -319,47 +380,8 @@ def _engine_dtype(dtype: str | None, model_path: str | os.PathLike | None) -> to
     return resolved if resolved in (torch.bfloat16, torch.float16) else None
 
 
-def make_sglang_engine(args, model_dir: str | os.PathLike | None = None) -> SGLangEngine:
-    """The engine for `--rollout-engine sglang` (colocated) / `sglang-remote` (servers at `--sglang-urls`).
-
-    Colocated: starts from `load_format="dummy"` (real weights arrive through the first sync), in the training
-    dtype; `--sglang-*` flags override any default. `--rollout-fp8`: block-FP8 weights pushed to an engine whose
-    model dir carries an FP8 `quantization_config` (`fp8_weights.prepare_fp8_model_dir`).
-    """
-    kwargs = sglang_kwargs_from_args(args)
-    fp8_block = None
-    if getattr(args, "rollout_fp8", False):
-        from rlad_megatron.rollout.sglang.fp8_weights import prepare_fp8_model_dir
-
-        fp8_block = tuple(getattr(args, "rollout_fp8_block", (128, 128)))
-        if model_dir is not None:
-            model_dir = prepare_fp8_model_dir(model_dir, Path(getattr(args, "output_dir", ".")) / "sglang_fp8_model",
-                                              block=fp8_block)
-    if getattr(args, "rollout_engine", "sglang") == "sglang-remote":
-        return SGLangEngine.remote(getattr(args, "sglang_urls", []), router_url=getattr(args, "rollout_router_url", None),
-                                   sync_backend=getattr(args, "rollout_sync_backend", None),
-                                   update_timeout_s=getattr(args, "rollout_update_timeout", 300.0),
-                                   model_path=model_dir, fp8_block=fp8_block)
-    if model_dir is None:
-        raise ValueError("--rollout-engine sglang needs a model dir (--student-hf or --tokenizer) for its config")
-    defaults = {"load_format": "dummy", "random_seed": getattr(args, "seed", 0),
-                "dtype": "bfloat16" if getattr(args, "bf16", False) else "float32"}
-    if getattr(args, "rollout_stop", None):
-        defaults["skip_tokenizer_init"] = False  # stop strings need the engine's tokenizer
-    return SGLangEngine.colocated(model_dir, server_kwargs={**defaults, **kwargs}, fp8_block=fp8_block)
-
-
-def add_rollout_engine_args(parser) -> None:
-    """This engine's own flags (not SGLang server args): router, sync backend, update timeout."""
-    g = parser.add_argument_group("SGLang rollout engine")
-    g.add_argument("--rollout-router-url", default=None, help="sglang-router URL for generation (remote mode)")
-    g.add_argument("--rollout-sync-backend", choices=["nccl", "gloo"], default=None,
-                   help="remote weight broadcast backend (default: nccl with CUDA, gloo without)")
-    g.add_argument("--rollout-update-timeout", type=float, default=300.0, help="seconds per weight-update call")
-
-
 __all__ = [
     "EngineDiedError", "HTTPTransport", "LocalTransport", "LogprobParityError", "SGLangEngine", "ServerProcess",
-    "add_rollout_engine_args", "check_logprob_parity", "init_weight_group", "make_sglang_engine", "require_sglang",
-    "rollout_from_output", "sampling_dict", "tail_logprobs", "wait_until_healthy",
+    "check_logprob_parity", "init_weight_group", "require_sglang", "rollout_from_output", "sampling_dict",
+    "tail_logprobs", "wait_until_healthy",
 ]

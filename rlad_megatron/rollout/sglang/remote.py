@@ -1,6 +1,8 @@
 """Remote transport: SGLang servers over HTTP, weights broadcast from this process.
 
-Generation goes to an `sglang-router` URL, or round-robin in contiguous chunks over the worker URLs (`requests`).
+Generation: one HTTP request per sample (many in flight from a thread pool), through an `sglang-router` when there
+is one (it balances by cache affinity and load), else to the server with the fewest requests outstanding from this
+process. The servers for weight and memory calls are the given URLs, or the router's workers (`GET /workers`).
 Weights: this process is rank 0 of a process group that every engine rank joins through
 `/init_weights_update_group` (NCCL on GPU, gloo on CPU); each bucket is announced with
 `/update_weights_from_distributed` and broadcast (one uint8 buffer from SGLang 0.5.23, else one tensor per
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -37,12 +41,16 @@ def init_weight_group(backend: str, address: str, port: int, world_size: int, ra
     """Join a process group outside the default one (the trainer's side of SGLang's weight-update group).
 
     Uses SGLang's own `init_custom_process_group` when importable (and `prefer_sglang`), else the same torch
-    recipe (TCP rendezvous, store prefixed by the group name, `_new_process_group_helper`), so the store keys
-    match the engines' and a trainer without sglang installed can drive remote servers.
+    recipe (TCP store at `address:port` hosted by rank 0, prefixed by the group name, `_new_process_group_helper`),
+    so the store keys match the engines' and a trainer without sglang installed can drive remote servers. Under
+    torchrun (`TORCHELASTIC_USE_AGENT_STORE=True`) torch's TCP rendezvous, which SGLang's helper uses, makes every
+    rank a client of torchrun's own store, so nobody would host this group's store and the engines would wait
+    forever: the store is then always created here, explicitly.
     """
     timeout = datetime.timedelta(seconds=timeout_s)
     helper = None
-    for mod in ("sglang.srt.utils.common", "sglang.srt.utils") if prefer_sglang else ():
+    under_agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    for mod in ("sglang.srt.utils.common", "sglang.srt.utils") if prefer_sglang and not under_agent else ():
         try:
             helper = __import__(mod, fromlist=["init_custom_process_group"]).init_custom_process_group
             break
@@ -51,14 +59,13 @@ def init_weight_group(backend: str, address: str, port: int, world_size: int, ra
         except Exception as e:  # noqa: BLE001 - sglang present but broken: use the plain torch recipe
             log.debug("sglang's init_custom_process_group unavailable: %s", e)
             break
-    init_method = f"tcp://{address}:{port}"
     if helper is not None:
-        return helper(backend=backend, init_method=init_method, timeout=timeout, world_size=world_size, rank=rank,
-                      group_name=group_name)
+        return helper(backend=backend, init_method=f"tcp://{address}:{port}", timeout=timeout,
+                      world_size=world_size, rank=rank, group_name=group_name)
     from torch.distributed import distributed_c10d as c10d
 
-    store, rank, world_size = next(c10d.rendezvous(init_method, rank, world_size, timeout=timeout))
-    store.set_timeout(timeout)
+    store = torch.distributed.TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout,
+                                       multi_tenant=True)
     store = c10d.PrefixStore(group_name, store)
     opts = {"backend_options": None} if parse_version(torch.__version__) >= (2, 6) else {"pg_options": None}
     pg, _ = c10d._new_process_group_helper(world_size, rank, [], c10d.Backend(backend), store,
@@ -92,24 +99,45 @@ class HTTPTransport:
 
     kind = "remote"
 
-    def __init__(self, urls: Sequence[str], *, router_url: str | None = None, timeout_s: float = 600.0,
+    def __init__(self, urls: Sequence[str] = (), *, router_url: str | None = None, timeout_s: float = 600.0,
                  update_timeout_s: float = 300.0, sync_backend: str | None = None,
-                 servers: Sequence[ServerProcess] = ()) -> None:
+                 servers: Sequence[ServerProcess] = (), max_requests: int = 256) -> None:
         import requests
 
-        if not urls:
-            raise ValueError("remote SGLang engine: no worker URLs (--sglang-urls)")
         self._requests = requests
-        self.urls = [u.rstrip("/") for u in urls]
         self.router_url = router_url.rstrip("/") if router_url else None
         self.timeout_s, self.update_timeout_s = timeout_s, update_timeout_s
+        urls = list(urls) or (self._router_workers() if self.router_url else [])
+        if not urls:
+            raise ValueError("remote SGLang engine: no server URLs (--sglang-server-url) and no router workers "
+                             "(--sglang-router-url)")
+        if max_requests < 1:
+            raise ValueError(f"remote SGLang engine: max_requests must be >= 1 (--rollout-max-requests), got "
+                             f"{max_requests}")
+        self.urls = [u.rstrip("/") for u in urls]
         self.sync_backend = sync_backend or ("nccl" if torch.cuda.is_available() else "gloo")
         self.servers = list(servers)
         self._pool = ThreadPoolExecutor(max_workers=max(4, 2 * len(self.urls)), thread_name_prefix="sglang-http")
+        self._gen_pool = ThreadPoolExecutor(max_workers=max_requests, thread_name_prefix="sglang-gen")
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.outstanding = {u: 0 for u in self.urls}
+        self.served = {u: 0 for u in ([self.router_url] if self.router_url else self.urls)}  # requests per target
         self._group = None
         self._group_name = ""
-        self._rr = 0
         self._probe()
+
+    def _router_workers(self) -> list[str]:
+        """The router's worker URLs (sglang-router 0.3: `GET /workers`; older: `GET /list_workers`)."""
+        for path in ("/workers", "/list_workers"):
+            try:
+                r = self._requests.get(self.router_url + path, timeout=(10, 60))
+            except self._requests.RequestException as e:
+                raise EngineDiedError(f"sglang-router {self.router_url} unreachable: {e}") from e
+            if r.status_code == 200:
+                return worker_urls(r.json())
+        raise ValueError(f"sglang-router {self.router_url}: no /workers list; pass --sglang-server-url for each "
+                         "server")
 
     def _probe(self) -> None:
         infos = [self._server_info(u) for u in self.urls]
@@ -157,31 +185,38 @@ class HTTPTransport:
 
     # generation
     def generate(self, input_ids: list[list[int]], sampling: list[dict], **kw) -> list[dict]:
-        targets = [self.router_url] if self.router_url else self.urls
-        n = len(input_ids)
-        if n == 0:
-            return []
-        # contiguous chunks, one per target (the router balances its own chunk requests further)
-        k = min(n, len(targets) if not self.router_url else max(1, min(n, 8)))
-        bounds = [round(i * n / k) for i in range(k + 1)]
-        futures = []
-        for c in range(k):
-            lo, hi = bounds[c], bounds[c + 1]
-            body = {"input_ids": input_ids[lo:hi], "sampling_params": sampling[lo:hi], **_slice_kw(kw, lo, hi)}
-            url = targets[(self._rr + c) % len(targets)]
-            futures.append(self._pool.submit(self._post_generate, url, body))
-        self._rr = (self._rr + k) % len(targets)
-        out: list[dict] = []
+        """One request per row, all in flight at once (up to the pool size); results in row order."""
+        futures = [self._gen_pool.submit(self._generate_one, {"input_ids": ids, "sampling_params": sp,
+                                                              **_row_kw(kw, i)})
+                   for i, (ids, sp) in enumerate(zip(input_ids, sampling, strict=True))]
+        out = []
         for f in futures:
             res = f.result()
-            out.extend(res if isinstance(res, list) else [res])
+            out.append(res[0] if isinstance(res, list) else res)
         return out
 
-    def _post_generate(self, url: str, body: dict):
+    def _pick(self) -> str:
+        """The router, or the server with the fewest requests outstanding from here (ties: the least served)."""
+        with self._lock:
+            url = self.router_url or min(self.urls, key=lambda u: (self.outstanding[u], self.served[u]))
+            if url in self.outstanding:
+                self.outstanding[url] += 1
+            self.served[url] = self.served.get(url, 0) + 1
+        return url
+
+    def _generate_one(self, body: dict):
+        url = self._pick()
+        session = getattr(self._local, "session", None)
+        if session is None:  # one keep-alive connection pool per pool thread
+            session = self._local.session = self._requests.Session()
         try:
-            r = self._requests.post(url + "/generate", json=body, timeout=(10, self.timeout_s))
+            r = session.post(url + "/generate", json=body, timeout=(10, self.timeout_s))
         except self._requests.ConnectionError as e:
             raise EngineDiedError(f"SGLang server {url} unreachable on /generate: {e}") from e
+        finally:
+            if url in self.outstanding:
+                with self._lock:
+                    self.outstanding[url] -= 1
         if r.status_code != 200:
             raise RuntimeError(f"SGLang {url}/generate -> HTTP {r.status_code}: {r.text[:2000]}")
         return r.json()
@@ -289,10 +324,20 @@ class HTTPTransport:
         for s in self.servers:
             s.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._gen_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _slice_kw(kw: dict, lo: int, hi: int) -> dict:
-    return {k: (v[lo:hi] if isinstance(v, list) else v) for k, v in kw.items()}
+def _row_kw(kw: dict, i: int) -> dict:
+    return {k: (v[i] if isinstance(v, list) else v) for k, v in kw.items()}
+
+
+def worker_urls(listing) -> list[str]:
+    """Worker URLs from a router's worker listing: `{"workers": [{"url": ...}, ...]}`, `{"urls": [...]}` or a
+    plain list of URLs / worker dicts."""
+    if isinstance(listing, dict):
+        listing = listing.get("workers", listing.get("urls", []))
+    urls = [w.get("url") if isinstance(w, dict) else w for w in listing]
+    return [u for u in urls if isinstance(u, str) and u]
 
 
 def _wait_all(futures: list[Future], timeout_s: float, what: str, works: Sequence = ()) -> None:

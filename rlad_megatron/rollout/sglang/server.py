@@ -32,7 +32,8 @@ class ServerProcess:
                  startup_timeout_s: float = 600.0) -> None:
         self.server_kwargs = {k: v for k, v in server_kwargs.items() if k not in ("host", "port")}
         self.host, self.port = host, port or free_port()
-        self.env = dict(os.environ, **(env or {}))
+        # not torchrun's agent store (see colocated.LocalTransport._start): the server's ranks host their own
+        self.env = {k: v for k, v in dict(os.environ, **(env or {})).items() if k != "TORCHELASTIC_USE_AGENT_STORE"}
         self.log_path = Path(log_path) if log_path else None
         self.startup_timeout_s = startup_timeout_s
         self.proc: subprocess.Popen | None = None

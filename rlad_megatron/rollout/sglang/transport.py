@@ -1,7 +1,7 @@
 """What `SGLangEngine` asks of a transport, and the two failure kinds a transport reports.
 
 A transport moves requests, weights and memory calls to one SGLang deployment: `LocalTransport` (an in-process
-`sglang.Engine`, `sglang_colocated`) or `HTTPTransport` (servers over HTTP, `sglang_remote`). It raises
+`sglang.Engine`, `colocated`) or `HTTPTransport` (servers over HTTP, `remote`). It raises
 `EngineDiedError` when the engine is gone (so `SGLangEngine` restarts it once) and `WeightUpdateError` when a call
 was refused or failed (`check_result`).
 """
