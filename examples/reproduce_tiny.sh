@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Tiny CPU reproduction of RLAD's comparison, from nothing, offline and seeded (python -m rlad_megatron.reproduce):
-#   1. the tiny teacher/student pair with the commands of examples/rlad_tiny_cpu.sh (teacher d=64, student d=32)
-#   2. GRPO, KDRL, RLAD (TRRD, alpha 0.5) and offline SFT distillation (rejection-sampled teacher traces) on the
-#      student, 3 seeds each, identical budgets and hyper-parameters apart from the method
-#   3. rlad-eval (Mean@k / Pass@k) of every final student on the held-out split
-#   4. docs/reproduction.md (table, diagnostics, commands, machine, wall-clock) + docs/reproduction_accuracy.png
-# ~30-40 min on a 2-core box. Env: OUT (outputs/reproduce), QUICK=1 (CI smoke run in a few minutes; writes only
-# under $OUT), TUNING (tuning.json of a `--tune` run, shown in the report). Extra arguments go to the driver,
-# e.g. `examples/reproduce_tiny.sh --tune` (the short tuning grid), `--resume`, `--seeds 10000 20000`.
+#   1. the pair: a d=64 teacher SFT'd on 4-digit column-addition traces (2-3 terms) until it is strong, a d=32
+#      student (3.8x fewer parameters) SFT'd briefly so it starts weak
+#   2. tuning: the same grid for GRPO, KDRL, RLAD (TRRD) and offline SFT distillation on a tuning seed, scored on a
+#      tuning eval split (lr x updates per rollout, then each method's own knob), selection rule fixed in advance
+#   3. finals: every method at its chosen setting on 5 seeds; rlad-eval (Mean@k / Pass@k) of every final student
+#   4. the measured overlap of the held-out sets with every training set, and docs/reproduction.md + PNG
+#      (tables, paired differences with 95% CIs, TRRD-vs-GRPO update diagnostics)
+# About 90 min on a 2-core box (two single-rank runs side by side). Env: OUT (outputs/reproduce), QUICK=1 (the CI
+# smoke run: tiny budgets, writes only under $OUT). Extra arguments go to the driver (e.g. --lanes 4). Finished
+# jobs found in $OUT are reused, so an interrupted run continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
 PY=${PYTHON:-python}
 ARGS=(--out "${OUT:-outputs/reproduce}")
 if [[ -n ${QUICK:-} ]]; then ARGS+=(--quick); fi
-if [[ -n ${TUNING:-} ]]; then ARGS+=(--tuning "$TUNING"); fi
 exec "$PY" -m rlad_megatron.reproduce "${ARGS[@]}" "$@"

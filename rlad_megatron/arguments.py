@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-size", type=int, default=256)
     g.add_argument("--eval-seed", type=int, default=1234,
                    help="builtin eval sets are drawn from seed + 1e9: the same held-out set for every --seed")
+    g.add_argument("--eval-split", default="eval", choices=("eval", "tune"),
+                   help="builtin eval sets: the held-out split (tune: a tuning set, disjoint from eval and training)")
+    g.add_argument("--task-config", action="append", default=[], metavar="KEY=V[,V...]",
+                   help="builtin generator config of --prompt-data and --eval-data (e.g. min_digits=4); a comma "
+                        "list sweeps the knob: one set of --train-size / --eval-size items per value")
     g.add_argument("--no-chat-template", dest="apply_chat_template", action="store_false")
     g.add_argument("--reward", default=None, help="registry name or module.path:function (default: the task's)")
     g.add_argument("--format-reward", type=float, default=0.0)

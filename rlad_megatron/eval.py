@@ -13,8 +13,9 @@ process (`platform.init()`, a 1-rank gloo/nccl group), loaded, and exported thro
 
 `--data` (repeatable) takes the forms of `rlad-train --prompt-data`: a JSONL/Parquet file (rows `prompt` or
 `messages`, `answer`, `task`, optional `subset`) or `builtin:<task>`. Builtin sets are drawn from the
-held-out split (generator seed `--seed + 10**9`, disjoint from training; `--seed` defaults to
-`rlad-train --eval-seed`'s default, so the same flags give the trainer's held-out set).
+held-out split `--split` (`eval`, or `tune` for a tuning set; generator seed `--seed + 10**9` / `+ 2 * 10**9`; a
+prompt belongs to one split by a hash of its text, so no training set of any seed contains it, `data.partition`);
+`--seed` defaults to `rlad-train --eval-seed`'s default, so the same flags give the trainer's held-out set.
 `--task-config key=v1,v2,...` sweeps a generator knob: one set of `--size` items per value, each its own
 subset (e.g. K&K by number of people). Subsets otherwise come from `evaluation.subset_of` (a `subset`
 column, a difficulty knob, the addition task's number of terms) or `--subset-key`.
@@ -29,8 +30,6 @@ Output: a Markdown table on stdout, `--output-json`, `--output-md`, and optional
 from __future__ import annotations
 
 import argparse
-import ast
-import itertools
 import json
 import os
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from rlad_megatron.data.loader import load_prompts
+from rlad_megatron.data.loader import load_prompts, parse_task_config
 from rlad_megatron.errors import UserError, as_user_error, run_cli
 from rlad_megatron.evaluation import subset_of, summarize
 from rlad_megatron.model_source import model_format
@@ -69,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--limit", type=int, default=None, help="evaluate only the first N prompts of each file")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED,
                    help="builtin sets: held-out split of this seed (generator seed + 1e9); = rlad-train --eval-seed")
+    g.add_argument("--split", default="eval", choices=("eval", "tune"),
+                   help="builtin sets: the held-out split (tune: the tuning set, disjoint from eval and training)")
     g.add_argument("--task-config", action="append", default=[], metavar="KEY=V[,V...]",
                    help="builtin generator config; a comma list sweeps the knob, one subset per value")
     g.add_argument("--subset-key", default=None, help="group by this meta / generator-config key")
@@ -102,24 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_pass_ks(k: int) -> list[int]:
     return sorted({1, k, *(2**i for i in range(1, k.bit_length()) if 2**i < k)})
-
-
-def parse_task_config(items: list[str]) -> list[dict]:
-    """`["n_people=2,3", "depth_constraint=2"]` -> the cartesian product of the values, as config dicts."""
-    keys, values = [], []
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise UserError(f"--task-config {item!r}: expected KEY=VALUE[,VALUE...]")
-        parsed = []
-        for v in raw.split(","):
-            try:
-                parsed.append(ast.literal_eval(v))
-            except (ValueError, SyntaxError):
-                parsed.append(v)
-        keys.append(key.replace("-", "_"))
-        values.append(parsed)
-    return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*values)] if keys else [{}]
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -233,7 +216,7 @@ def run(args: argparse.Namespace) -> dict:
     benches = []
     for src in args.data:
         with as_user_error(flag="--data"):
-            samples = load_prompts(src, split="eval", size=args.size, seed=args.seed, configs=configs,
+            samples = load_prompts(src, split=args.split, size=args.size, seed=args.seed, configs=configs,
                                    tokenizer=tokenizer, apply_chat_template=args.apply_chat_template, limit=args.limit)
         benches.append((benchmark_name(src, taken), src, samples,
                         _reward_of(src, samples, args.reward, args.format_reward)))
@@ -245,7 +228,7 @@ def run(args: argparse.Namespace) -> dict:
         "model": str(args.model), "model_format": fmt,
         "settings": {"k": args.k, "pass_k": pass_ks, "temperature": args.temperature, "top_p": args.top_p,
                      "top_k": args.top_k, "max_new_tokens": args.max_new_tokens, "seed": args.seed,
-                     "sample_seed": args.sample_seed, "size": args.size, "task_config": args.task_config,
+                     "split": args.split, "sample_seed": args.sample_seed, "size": args.size, "task_config": args.task_config,
                      "chat_template": args.apply_chat_template, "format_reward": args.format_reward},
         "benchmarks": {},
     }

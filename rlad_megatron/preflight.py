@@ -104,16 +104,21 @@ def model_spec(who: str, hf_dir: str | None, load_dir: str | None, tp: int):
         return spec_from_hf_config(meta.hf_config)
 
 
-def check_prompt_source(flag: str, source: str) -> str:
-    """A builtin task exists / the file's first rows parse. Returns the rows' task name ("" if none)."""
+def check_prompt_source(flag: str, source: str, configs: list[dict] | None = None) -> str:
+    """A builtin task exists and builds an item under every `--task-config` / the file's first rows parse. Returns
+    the rows' task name ("" if none)."""
     from rlad_megatron.data.prompts import load_prompt_file
 
     if source.startswith("builtin:"):
         from rlad_megatron.data.generators import check_task_name
+        from rlad_megatron.data.tasks import make_task_dataset
 
         task = source.split(":", 1)[1]
         with as_user_error(flag=f"{flag} {source}:"):
             check_task_name(task)
+        for cfg in configs or [{}]:
+            with as_user_error(TypeError, flag=f"--task-config {cfg} for {flag} {source}:"):
+                make_task_dataset(task, size=1, seed=0, **cfg)  # unknown or invalid generator knobs fail here
         return task
     with as_user_error(flag=flag):
         return load_prompt_file(source, max_rows=PEEK_ROWS)[0].task
@@ -153,9 +158,15 @@ def check_train_inputs(args: Namespace) -> list[str]:
             with as_user_error(flag=f"--teacher-hf {args.teacher_hf}:"):
                 check_same_tokenizer(tokenizer, teacher_tok, teacher_name="teacher")
 
-    task = check_prompt_source("--prompt-data", args.prompt_data)
+    from rlad_megatron.data.loader import is_builtin, parse_task_config
+
+    configs = parse_task_config(args.task_config)
+    if args.task_config and not any(is_builtin(s) for s in (args.prompt_data, args.eval_data) if s):
+        raise UserError(f"--task-config {' '.join(args.task_config)}: applies to builtin:<task> sets; --prompt-data "
+                        "and --eval-data are files")
+    task = check_prompt_source("--prompt-data", args.prompt_data, configs)
     if args.eval_data:
-        check_prompt_source("--eval-data", args.eval_data)
+        check_prompt_source("--eval-data", args.eval_data, configs)
     reward = args.reward or task
     if not reward:
         raise UserError(f"--prompt-data {args.prompt_data}: rows carry no 'task' name; pass --reward")

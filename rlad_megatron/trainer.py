@@ -34,7 +34,7 @@ def train(args: Namespace) -> dict:
     if not run.algo.rl:
         run.sft_traces = teacher_traces(run) if run.rollout.sft_source == "teacher" else dataset_traces(run)
     if run.state.step == 0 and run.eval_prompts:
-        log.log(0, say("eval before training", sync_weights(run) | evaluate_student(run)))
+        log.log(0, say("eval before training", sync_weights(run) | evaluate_student(run) | run.data_metrics))
     metrics: dict = {}
     while run.state.step < run.loop.train_iters:
         timer = PhaseTimer()
@@ -86,4 +86,7 @@ def finish(run: Run, log, last: dict) -> dict:
 def say(what: str, metrics: dict) -> dict:
     if platform.is_rank0():
         print(f"{what}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("eval/")), flush=True)
+        if "data/eval_train_overlap" in metrics:
+            print(f"held-out check: {metrics['data/eval_train_overlap']:.0f} of {metrics['data/eval_prompts']:.0f} "
+                  f"eval prompts are among the {metrics['data/train_prompts']:.0f} training prompts", flush=True)
     return metrics

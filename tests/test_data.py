@@ -26,7 +26,9 @@ from rlad_megatron.data import (
 )
 from rlad_megatron.data.addition import TRACE_RE
 from rlad_megatron.data.char_tokenizer import VOCAB
+from rlad_megatron.data.partition import BUCKETS, HELD_OUT, SALT, bucket, draw_split, split_of, split_share
 from rlad_megatron.data.tasks import generate_entries
+from rlad_megatron.errors import UserError
 
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
 TEMPLATE = (
@@ -201,8 +203,47 @@ def test_train_eval_disjoint_where_naive_seeds_overlap():
     assert naive_eval[0]["question"] == train[1]["question"]  # reasoning-gym item i uses seed S + i
     evals = make_task_dataset("knights_knaves", split="eval", size=20, seed=11, n_people=3)
     assert {e["question"] for e in train}.isdisjoint(s.meta["rg_entry"]["question"] for s in evals)
-    shifted = generate_entries("knights_knaves", split="train", size=1, seed=11 + EVAL_SEED_OFFSET, n_people=3)
-    assert shifted[0]["question"] == evals[0].meta["rg_entry"]["question"]
+    # the eval split draws from seed + 10**9 and keeps the items of its hash bucket (data.partition), in order
+    shifted = generate_entries("knights_knaves", split="train", size=2000, seed=11 + EVAL_SEED_OFFSET, n_people=3)
+    in_eval = [e["question"] for e in shifted if split_of(e["question"]) == "eval"]
+    assert in_eval[:20] == [s.meta["rg_entry"]["question"] for s in evals]
+
+
+def test_partition_disjoint_by_construction_in_a_small_item_space():
+    """1-digit sums of two terms: 100 distinct prompts. Seeds and sizes cannot make a held-out set overlap training."""
+    cfg = dict(min_terms=2, max_terms=2, min_digits=1, max_digits=1)
+    train = {s.prompt for seed in range(5) for s in make_addition_dataset("train", 300, seed=seed, **cfg)}
+    evals = make_addition_dataset("eval", 50, seed=0, **cfg)
+    tune = make_addition_dataset("tune", 50, seed=0, **cfg)
+    assert len(train) > 70  # nearly the whole item space is drawn for training ...
+    assert train.isdisjoint(s.prompt for s in evals) and train.isdisjoint(s.prompt for s in tune)  # ... but never these
+    assert {s.prompt for s in evals}.isdisjoint(s.prompt for s in tune)
+    assert {split_of(s.prompt) for s in evals} == {"eval"} and {bucket(s.prompt) for s in tune} == {HELD_OUT["tune"]}
+    raw = generate_entries("basic_arithmetic", split="train", size=300, seed=0, operators=("+",),
+                           allow_parentheses=False, allow_negation=False, **cfg)
+    assert sum(f"Q{e['metadata']['expression'].replace(' ', '')}:" in train for e in raw) > 200  # naive draws overlap
+
+
+def test_partition_hash_is_stable_and_balanced():
+    """The bucket of a prompt is a fixed function of its text (documented salt and sha256), about 1/BUCKETS each."""
+    import hashlib
+
+    key = "Q0814+0707+0965:"
+    assert bucket(key) == int(hashlib.sha256((SALT + key).encode()).hexdigest()[:16], 16) % BUCKETS
+    counts = [0] * BUCKETS
+    for i in range(16000):
+        counts[bucket(f"Q{i:05d}:")] += 1
+    assert min(counts) > 850 and max(counts) < 1150
+    assert split_share("train") == pytest.approx(1 - len(HELD_OUT) / BUCKETS)
+    with pytest.raises(ValueError, match="split must be"):
+        split_share("test")
+
+
+def test_held_out_set_too_large_for_the_item_space_is_one_clear_error():
+    """A task whose every item is one training prompt has no eval items: a UserError, not an endless draw."""
+    key = next(f"Q{i}:" for i in range(100) if split_of(f"Q{i}:") == "train")
+    with pytest.raises(UserError, match=r"only 0 of 3 items of the 'eval' split in \d+ generator draws.*too small"):
+        draw_split("chain_sum", split="eval", size=3, seed=0, key=lambda e: key)
 
 
 @pytest.mark.parametrize("name", ["countdown", "chain_sum", "basic_arithmetic"])

@@ -20,7 +20,8 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from rlad_megatron.data.generators import Split, generate_entries
+from rlad_megatron.data.generators import Split
+from rlad_megatron.data.partition import draw_split
 from rlad_megatron.data.prompts import PromptSample
 
 TASK = "addition"
@@ -71,7 +72,8 @@ def parse_terms(expression: str) -> list[int]:
 
 
 def make_addition_dataset(split: Split, size: int, seed: int, **cfg: Any) -> list[PromptSample]:
-    """Seeded addition prompts; `cfg` may change term/digit ranges (width follows max_digits).
+    """Seeded addition prompts of `split` (`data.partition`: a prompt is in exactly one of train / eval / tune);
+    `cfg` may change term/digit ranges (width follows max_digits).
 
     `meta` holds `terms`, `target` (the trace), and the reasoning-gym entry/config used by the
     `reasoning_gym` reward (`rg_dataset`, `rg_config`, `rg_entry`).
@@ -81,16 +83,16 @@ def make_addition_dataset(split: Split, size: int, seed: int, **cfg: Any) -> lis
         raise ValueError(f"addition task fixes {fixed}; only term/digit ranges can change")
     config = {**BASE_CONFIG, **cfg}
     width = config["max_digits"]
-    samples = []
-    # reasoning-gym's digit ranges are inclusive of 10**max_digits (e.g. 10000 for 4 digits, ~0.1% of items):
-    # such items don't fit the fixed-width format and are skipped, drawing a few spare items to keep `size`.
-    spare = size // 50 + 16
-    for entry in generate_entries("basic_arithmetic", split=split, size=size + spare, seed=seed, **config):
+
+    def key(entry: dict) -> str | None:
+        # reasoning-gym's digit ranges are inclusive of 10**max_digits (e.g. 10000 for 4 digits, ~0.1% of items):
+        # such items don't fit the fixed-width format and are skipped (the draw continues to keep `size`)
         terms = parse_terms(entry["metadata"]["expression"])
-        if max(terms) >= 10**width:
-            continue
-        if len(samples) == size:
-            break
+        return None if max(terms) >= 10**width else addition_prompt(terms, width)
+
+    samples = []
+    for entry, prompt in draw_split("basic_arithmetic", split=split, size=size, seed=seed, key=key, **config):
+        terms = parse_terms(entry["metadata"]["expression"])
         if str(sum(terms)) != entry["answer"]:
             raise RuntimeError(f"reasoning-gym answer {entry['answer']!r} != sum of {terms}")
         meta = {
@@ -101,7 +103,5 @@ def make_addition_dataset(split: Split, size: int, seed: int, **cfg: Any) -> lis
             "rg_config": dict(config),
             "rg_entry": entry,
         }
-        samples.append(PromptSample(prompt=addition_prompt(terms, width), answer=entry["answer"], task=TASK, meta=meta))
-    if len(samples) < size:
-        raise RuntimeError(f"addition: only {len(samples)} of {size} items fit {width} digits")
+        samples.append(PromptSample(prompt=prompt, answer=entry["answer"], task=TASK, meta=meta))
     return samples

@@ -1,8 +1,10 @@
 """Seeded reasoning-gym items, the generation primitive of every builtin task set.
 
 reasoning-gym builds item i of `create_dataset(name, seed=S)` from `random.Random(S + i)`, so two
-sets whose seeds differ by less than their size overlap. The eval split therefore uses
-`seed + EVAL_SEED_OFFSET` (10**9) and sizes are capped below that offset.
+sets whose seeds differ by less than their size draw the same items. The held-out splits therefore draw from
+`seed + EVAL_SEED_OFFSET` (10**9, `eval`) and `seed + 2 * EVAL_SEED_OFFSET` (`tune`), sizes are capped below that
+offset, and `data.partition` keeps each split to its own hash bucket of the item space (disjoint by construction,
+even when the item space is small).
 """
 
 from __future__ import annotations
@@ -15,16 +17,16 @@ EVAL_SEED_OFFSET = 10**9
 # Tasks the project documents and tests; any other registered reasoning-gym name also works.
 BUILTIN_TASKS = ("knights_knaves", "countdown", "chain_sum", "basic_arithmetic", "addition")
 
-Split = Literal["train", "eval"]
+Split = Literal["train", "eval", "tune"]
+_SEED_SLOT = {"train": 0, "eval": 1, "tune": 2}
 
 
 def split_seed(seed: int, split: Split) -> int:
-    """Generator seed of a split: `seed` for train, `seed + 10**9` for eval."""
-    if split == "train":
-        return seed
-    if split == "eval":
-        return seed + EVAL_SEED_OFFSET
-    raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    """Generator seed of a split: `seed` for train, `seed + 10**9` for eval, `seed + 2 * 10**9` for tune (the
+    held-out set a tuning grid selects on, disjoint from the final eval set)."""
+    if split not in _SEED_SLOT:
+        raise ValueError(f"split must be one of {tuple(_SEED_SLOT)}, got {split!r}")
+    return seed + _SEED_SLOT[split] * EVAL_SEED_OFFSET
 
 
 def to_plain(obj: Any) -> Any:
@@ -48,12 +50,18 @@ def check_task_name(name: str) -> None:
                         "dataset name")
 
 
-def generate_entries(name: str, *, split: Split, size: int, seed: int, **cfg: Any) -> list[dict[str, Any]]:
-    """`size` plain reasoning-gym items of dataset `name` for `split`."""
+def dataset(name: str, *, split: Split, size: int, seed: int, **cfg: Any):
+    """The lazy reasoning-gym dataset `name` of `size` items for `split` (item i is built on access)."""
     import reasoning_gym
 
     if not 0 < size <= EVAL_SEED_OFFSET:
         raise UserError(f"size must be in [1, {EVAL_SEED_OFFSET}], got {size}")
     check_task_name(name)
-    ds = reasoning_gym.create_dataset(name, seed=split_seed(seed, split), size=size, **cfg)
+    return reasoning_gym.create_dataset(name, seed=split_seed(seed, split), size=size, **cfg)
+
+
+def generate_entries(name: str, *, split: Split, size: int, seed: int, **cfg: Any) -> list[dict[str, Any]]:
+    """`size` plain reasoning-gym items of dataset `name` from the split's generator seed, in index order and NOT
+    filtered by the held-out partition (`data.partition.draw_split` is what the task sets use)."""
+    ds = dataset(name, split=split, size=size, seed=seed, **cfg)
     return [to_plain(ds[i]) for i in range(size)]

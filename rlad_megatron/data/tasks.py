@@ -11,6 +11,7 @@ from typing import Any
 
 from rlad_megatron.data.addition import make_addition_dataset
 from rlad_megatron.data.generators import BUILTIN_TASKS, EVAL_SEED_OFFSET, Split, generate_entries, split_seed, to_plain
+from rlad_megatron.data.partition import draw_split
 from rlad_megatron.data.prompts import PromptSample
 
 __all__ = ["BUILTIN_TASKS", "EVAL_SEED_OFFSET", "default_system_prompt", "generate_entries", "make_task_dataset",
@@ -35,7 +36,9 @@ def make_task_dataset(
     chat: bool = True,
     **cfg: Any,
 ) -> list[PromptSample]:
-    """Seeded prompt set for a reasoning-gym task (or `addition`, see `data.addition`).
+    """Seeded prompt set of `split` for a reasoning-gym task (or `addition`, see `data.addition`): the first `size`
+    generator items whose question falls in `split` (`data.partition`: held-out sets never share an item with
+    training sets).
 
     The prompt asks for the final answer inside `<answer>...</answer>`: by default reasoning-gym's
     "default" system prompt. `chat=True` gives `[system, user]` messages (system dropped when
@@ -48,7 +51,7 @@ def make_task_dataset(
         system_prompt = default_system_prompt()
     plain_cfg = to_plain(cfg)
     samples = []
-    for entry in generate_entries(name, split=split, size=size, seed=seed, **cfg):
+    for entry, _ in draw_split(name, split=split, size=size, seed=seed, key=lambda e: e["question"], **cfg):
         question = entry["question"]
         if chat:
             prompt: Any = [{"role": "user", "content": question}]

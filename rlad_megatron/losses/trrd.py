@@ -23,6 +23,7 @@ from rlad_megatron.losses._checks import (
 from rlad_megatron.losses.agg import aggregate, masked_mean
 from rlad_megatron.losses.kl import check_loss_estimator, kl_estimate
 from rlad_megatron.losses.ppo import clip_regions, clipped_surrogate
+from rlad_megatron.losses.trrd_vs_grpo import grpo_weight_metrics, live
 
 __all__ = ["check_policy_args", "grpo_loss", "trrd_loss"]
 
@@ -74,6 +75,15 @@ def trrd_loss(
         ``teacher_clamp_frac`` and the selective-imitation gates ``gate_{blocked,enabled}_{pos,neg}``: tokens
         that get a policy gradient under the plain GRPO ratio but not under TRRD (blocked), or the reverse
         (enabled), by advantage sign; with ``beta > 0`` also ``kl_ref``.
+        With a teacher and ``alpha < 1`` also how far the update is from GRPO's on the same tokens
+        (``losses/trrd_vs_grpo.py``; ``w`` = per-token ``-dL/dlogp`` times the batch's loss count):
+        ``grpo_weight_sumsq_diff{,_pos,_neg}`` = ``sum (w^TRRD - w^GRPO)^2``, ``grpo_weight_sumsq_grpo{,_pos,_neg}``
+        = ``sum (w^GRPO)^2``, ``grpo_weight_sumsq_trrd`` (``_pos``/``_neg``: tokens with ``A > 0``/``A < 0``) --
+        the primary quantities: means over micro-batches, ranks and steps pool into the whole batch's
+        ``rel_diff = sqrt(sumsq_diff / sumsq_grpo)`` and ``cosine = (sumsq_trrd + sumsq_grpo - sumsq_diff) /
+        (2 sqrt(sumsq_trrd sumsq_grpo))``; and this batch's ``grpo_weight_rel_diff{,_pos,_neg}`` and
+        ``grpo_weight_cosine``, each only when its denominator is non-zero (a mean over micro-batches then
+        averages the batches that have one, never a NaN).
     """
     mask = check_mask(mask)
     check_number("alpha", alpha, 0.0, 1.0)
@@ -122,6 +132,10 @@ def trrd_loss(
     if lr_teacher is not None:
         metrics.update(_teacher_metrics(lr_old, lr_teacher, ratio, adv, mask, alpha, eps_low, eps_high,
                                         teacher_clamp, dual_clip))
+    if lr_teacher is not None and alpha < 1.0:
+        metrics.update(grpo_weight_metrics(ratio, lr_old, lr_teacher, adv, mask, alpha=alpha,
+                                           teacher_clamp=teacher_clamp, agg=agg, eps_low=eps_low,
+                                           eps_high=eps_high, dual_clip=dual_clip))
     return loss, metrics
 
 
@@ -170,13 +184,10 @@ def _teacher_metrics(lr_old: Tensor, lr_teacher: Tensor, ratio: Tensor, adv: Ten
     """Teacher log-ratio stats and the selective-imitation gates (TRRD vs the GRPO ratio on the same tokens)."""
     clamped = lr_teacher.abs() > teacher_clamp if teacher_clamp is not None else torch.zeros_like(mask)
 
-    def alive(r: Tensor) -> Tensor:  # the clipped surrogate passes a gradient to r
-        low, high, dual = clip_regions(r, adv, eps_low, eps_high, dual_clip)
-        return (adv != 0) & ~(low | high | dual)
-
-    grpo_alive = alive(torch.exp(lr_old))
+    grpo_alive = live(torch.exp(lr_old), adv, eps_low, eps_high, dual_clip)
     # d log r / d logp = alpha + (1 - alpha) 1[not clamped]: zero only for alpha == 0 on a clamped token
-    trrd_alive = alive(ratio) & ~(clamped if alpha == 0.0 else torch.zeros_like(clamped))
+    no_slope = clamped if alpha == 0.0 else torch.zeros_like(clamped)
+    trrd_alive = live(ratio, adv, eps_low, eps_high, dual_clip) & ~no_slope
     blocked, enabled = grpo_alive & ~trrd_alive, ~grpo_alive & trrd_alive
     pos, neg = adv > 0, adv < 0
     return {

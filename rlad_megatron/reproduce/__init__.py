@@ -1,7 +1,7 @@
 """The tiny-scale reproduction of RLAD's comparison (docs/reproduction.md): `python -m rlad_megatron.reproduce`.
 
-driver.py runs the stages (pair, tuning grid, methods x seeds, rlad-eval), recipe.py holds the settings and the exact
-commands, report.py parses the runs back into the report."""
+driver.py plans the jobs (pair, tuning grid, finals, rlad-eval, held-out check) and lanes.py runs them; recipe.py holds
+the settings, the grid, its rule and the exact commands; runs.py, report.py and text.py parse the runs back into the report."""
 
 from rlad_megatron.reproduce.driver import main
 from rlad_megatron.reproduce.recipe import DIAGNOSTICS, METHOD_LABEL, METHODS, QUICK, ROOT, Recipe, pair_commands

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from rlad_megatron import platform
 from rlad_megatron.data import PromptSample, PromptStream, load_prompts
+from rlad_megatron.data.loader import is_builtin, overlap, parse_task_config
 from rlad_megatron.models.builder import Model
 from rlad_megatron.models.families import ModelSpec
 from rlad_megatron.offload import ALL_ENGINE_TAGS
@@ -71,6 +72,7 @@ class Run:
     sft_traces: list[Rollout] = field(default_factory=list)
     engine_factory: Callable[[ModelSpec, str | None], RolloutEngine | None] | None = None  # (spec, model dir)
     teacher_dir: str | None = None  # --teacher-hf (an SGLang engine for the teacher's traces reads its config)
+    data_metrics: dict = field(default_factory=dict)  # data/*: sizes and the MEASURED eval/train prompt overlap
 
     @property
     def pad_id(self) -> int:
@@ -90,12 +92,22 @@ def build_run(args: Namespace) -> Run:
     if needs_teacher and args.teacher_hf:
         check_same_tokenizer(tokenizer, load_tokenizer(args.teacher_hf), teacher_name=f"teacher ({args.teacher_hf})")
 
-    train = load_prompts(args.prompt_data, split="train", size=args.train_size, seed=args.seed, tokenizer=tokenizer,
-                         apply_chat_template=args.apply_chat_template)
+    configs = parse_task_config(args.task_config)
+
+    def load(source: str, split: str, size: int, seed: int) -> list[PromptSample]:
+        return load_prompts(source, split=split, size=size, seed=seed, tokenizer=tokenizer,
+                            apply_chat_template=args.apply_chat_template,
+                            configs=configs if is_builtin(source) else [{}])
+
+    train = load(args.prompt_data, "train", args.train_size, args.seed)
     evals = []
     if args.eval_data:
-        evals = load_prompts(args.eval_data, split="eval", size=args.eval_size, seed=args.eval_seed, tokenizer=tokenizer,
-                             apply_chat_template=args.apply_chat_template)[: args.eval_size]
+        evals = load(args.eval_data, args.eval_split, args.eval_size, args.eval_seed)
+        evals = evals if is_builtin(args.eval_data) else evals[: args.eval_size]
+    # measured, not assumed: how many eval prompts are training prompts of this run (0 for builtin sets by
+    # construction, `data.partition`; a file pair can share prompts, and the count says so)
+    data_metrics = {"data/train_prompts": float(len(train)), "data/eval_prompts": float(len(evals)),
+                    "data/eval_train_overlap": float(overlap(evals, train))} if evals else {}
     reward = args.reward or train[0].task
     if not reward:
         raise ValueError(f"{args.prompt_data}: rows carry no 'task' name; pass --reward")
@@ -122,7 +134,7 @@ def build_run(args: Namespace) -> Run:
                reward=reward_spec, scorer=scorer, eval_scorer=eval_scorer, layout=layout,
                offloader=build_offloader(args, policy, teacher), weight_peer=weight_peer,
                engine_factory=lambda s, d: build_engine(args, s, layout, d, tokenizer=tokenizer),
-               teacher_dir=args.teacher_hf)
+               teacher_dir=args.teacher_hf, data_metrics=data_metrics)
 
 
 # ------------------------------------------------------------------------------------------------ checkpoints
