@@ -63,7 +63,8 @@ class Plan:
 
         def pair_job(name: str, needs: tuple[str, ...] = ()) -> Job:
             argv, produces = pair[name]
-            return Job(name, argv, done=lambda: (produces / "config.json").exists(), needs=needs)
+            outputs = tuple(Path(argv[i + 1]) for i, x in enumerate(argv) if x in ("--out", "--output-dir", "--save-hf"))
+            return Job(name, argv, done=lambda: (produces / "config.json").exists(), needs=needs, clean=outputs)
 
         jobs = [pair_job("make_teacher"), pair_job("make_student"), pair_job("sft_teacher", ("make_teacher",)),
                 pair_job("sft_student", ("make_student",)),
@@ -97,7 +98,7 @@ class Plan:
         def done() -> bool:
             return run_done(d, iters)
 
-        return Job(name, argv, done=done, needs=self.needs(s.method), then=then)
+        return Job(name, argv, done=done, needs=self.needs(s.method), then=then, clean=(d,))
 
     def eval_job(self, name: str, model: Path, out_json: Path, needs: tuple[str, ...]) -> Job:
         out_json.parent.mkdir(parents=True, exist_ok=True)
@@ -172,12 +173,18 @@ def main(argv: list[str] | None = None) -> dict:
     pair = Path(a.pair_dir).resolve() if a.pair_dir else out / "pair"
     if not a.report_only:
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(r), indent=1))
-        meta = {"machine": machine_info(), "quick": a.quick}
+        # an interrupted invocation is continued by the next one (finished jobs are reused): the wall-clock adds up
+        before = json.loads((out / "meta.json").read_text()) if (out / "meta.json").exists() else {}
+        meta = {"machine": before.get("machine") or machine_info(), "quick": a.quick,
+                "invocations": before.get("invocations", 0) + 1}
         t0 = time.perf_counter()
+        (out / "meta.json").write_text(json.dumps({**meta, "wall_s": before.get("wall_s", 0.0)}, indent=1))
         plan = Plan(out, pair, r)
-        Lanes(out, r.lanes).run(plan.jobs())
-        meta["wall_s"] = time.perf_counter() - t0
-        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        try:
+            Lanes(out, r.lanes).run(plan.jobs())
+        finally:
+            meta["wall_s"] = before.get("wall_s", 0.0) + time.perf_counter() - t0
+            (out / "meta.json").write_text(json.dumps(meta, indent=1))
     from rlad_megatron.reproduce.report import write_report
 
     md = write_report(out, pair, quick=a.quick)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ class Job:
     done: Callable[[], bool]
     needs: tuple[str, ...] = ()
     then: Callable[[], list[Job]] = field(default=list)
+    clean: tuple[Path, ...] = ()  # outputs of an interrupted earlier attempt, removed before the job starts
 
 
 class Lanes:
@@ -49,6 +51,8 @@ class Lanes:
             entry["reused"] = True
             print(f"[reproduce] {job.name}: done earlier, reused", flush=True)
             return
+        for path in job.clean:
+            shutil.rmtree(path, ignore_errors=True)
         log = self.out / "logs" / f"{job.name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **ENV, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

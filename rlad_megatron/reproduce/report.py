@@ -51,10 +51,6 @@ def load(out: Path, pair: Path) -> dict:
              for k in ("student_before", "teacher")}
     sft = {who: eval_curve(read_metrics(pair / f"sft_{who}" / "metrics.jsonl")) for who in ("teacher", "student")}
     jobs = json.loads((out / "jobs.json").read_text())
-    built = json.loads((pair / "build.json").read_text()) if (pair / "build.json").exists() else {}
-    for name, b in built.items():  # a pair built earlier by the same commands: its own recorded seconds
-        if jobs.get(name, {}).get("reused") and b.get("seconds"):
-            jobs[name] = {**jobs[name], "seconds": b["seconds"], "reused": False, "built_earlier": True}
     return {"recipe": r, "tuning": tuning, "finals": finals, "evals": evals, "sft": sft, "jobs": jobs,
             "heldout": json.loads((out / "heldout.json").read_text()),
             "meta": json.loads((out / "meta.json").read_text()), "params": param_counts(pair)}
@@ -239,8 +235,7 @@ def write_report(out: Path, pair: Path, *, quick: bool) -> Path:
     L += ["## Machine and wall-clock", "", (f"* `nproc` {mi['nproc']}; CPU {mi['cpu']}; Python {mi['python']}, torch "
           f"{mi['torch']}; load average at start {mi['loadavg']}."),
           f"* Wall-clock of the driver: {meta['wall_s'] / 60:.1f} min with {r.lanes} jobs side by side"
-          + (f", plus {sum(j['seconds'] for j in data['jobs'].values() if j.get('built_earlier')) / 60:.1f} min of "
-             "pair build run earlier by the same commands" if any(j.get("built_earlier") for j in data["jobs"].values())
+          + (f" ({meta['invocations']} invocations, each continuing the last)" if meta.get("invocations", 1) > 1
              else "") + f"; {sum(secs) / 60:.1f} job-minutes in all.", ""]
     md.write_text("\n".join(L) + "\n")
     summary = {"recipe": {k2: v for k2, v in vars(r).items()}, "heldout": ho, "tuning": data["tuning"],
