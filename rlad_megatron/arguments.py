@@ -120,8 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rollout-batch-size", type=int, default=8, help="prompts per step")
     g.add_argument("--rollout-num-gpus-per-engine", type=int, default=1,
                    help="GPUs (ranks) per colocated rollout engine = its TP size; engines = world / this")
-    g.add_argument("--rollout-chunk-groups", type=int, default=1,
-                   help="prompt groups (x n samples) per engine request; engines take requests as they free up")
+    g.add_argument("--rollout-chunk-groups", type=int, default=0,
+                   help="prompt groups (x n samples) per engine request; engines take requests as they free up "
+                        "(0: auto, about 2 requests per engine and generation call)")
     g.add_argument("--save-rollouts", default=None, help="write every step's rollouts as JSONL here (rank 0)")
     g.add_argument("--n-samples-per-prompt", type=int, default=8)
     g.add_argument("--rollout-temperature", type=float, default=1.0)
@@ -214,8 +215,8 @@ def validate(args: argparse.Namespace) -> None:
         if args.algo == "gkd":
             raise ValueError("--use-dynamic-batch-size: --algo gkd compares full teacher/student logits and keeps "
                              "padded micro-batches")
-    if args.rollout_chunk_groups < 1 or args.rollout_num_gpus_per_engine < 1:
-        raise ValueError("--rollout-chunk-groups and --rollout-num-gpus-per-engine must be >= 1")
+    if args.rollout_chunk_groups < 0 or args.rollout_num_gpus_per_engine < 1:
+        raise ValueError("--rollout-chunk-groups must be >= 0 (0: auto) and --rollout-num-gpus-per-engine >= 1")
     if args.rollout_max_inflight < 1 or args.rollout_max_requests < 1:
         raise ValueError("--rollout-max-inflight and --rollout-max-requests must be >= 1")
     if args.rollout_engine == "sglang-remote" and not (args.sglang_router_url or args.sglang_server_url):

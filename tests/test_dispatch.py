@@ -140,3 +140,12 @@ def test_pack_unpack_round_trip():
         for x, y in zip(a.rollouts, b.rollouts, strict=True):
             assert (y.prompt_ids, y.output_ids, y.output_logprobs, y.finish_reason) == \
                    (x.prompt_ids, x.output_ids, x.output_logprobs, x.finish_reason)
+
+
+def test_auto_chunks_batch_a_call_into_a_few_requests_per_engine():
+    """--rollout-chunk-groups 0: a 512-prompt greedy eval on one engine is 2 requests, not 512; a flag wins."""
+    from rlad_megatron.step.generate import chunk_groups
+
+    assert chunk_groups(0, 512, 1) == 256 and WorkPlan(prompts(512), n=1, chunk_groups=256).chunks == 2
+    assert chunk_groups(0, 8, 1) == 4 and chunk_groups(0, 8, 4) == 1 and chunk_groups(0, 64, 32) == 1
+    assert chunk_groups(0, 5, 2) == 2 and chunk_groups(3, 512, 1) == 3

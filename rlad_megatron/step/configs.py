@@ -62,7 +62,7 @@ class RolloutConfig:
     max_sampling_rounds: int = 4
     eval_samples: int = 1
     sft_source: str = "teacher"
-    chunk_groups: int = 1  # prompt groups per engine request (--rollout-chunk-groups)
+    chunk_groups: int = 0  # prompt groups per engine request (--rollout-chunk-groups; 0: auto)
     gpus_per_engine: int = 1  # --rollout-num-gpus-per-engine
     save_dir: str | None = None  # --save-rollouts: every step's rollouts as JSONL (rank 0)
 

@@ -24,13 +24,14 @@ from rlad_megatron.step.run import Run
 # every rank makes the same generation calls in the same order: the n-th call's chunk queue and barrier keys in the
 # job's store are the same on every rank, and fresh for each call (also across runs in one process)
 _CALLS = itertools.count(1)
+AUTO_CHUNKS_PER_ENGINE = 2  # --rollout-chunk-groups 0: requests per engine and call (balance vs batching)
 
 
 def generate_everywhere(run: Run, samples: Sequence, n: int, sampling: SamplingParams, scorer: Scorer,
                         what: str) -> tuple[list[Rollout], list[float], dict]:
     """`n` samples per prompt from every engine: (rollouts and rewards in `prompt x n` order, identical on every
     rank; `perf/` metrics of the engines' load)."""
-    plan = WorkPlan(samples, n, chunk_groups=run.rollout.chunk_groups)
+    plan = WorkPlan(samples, n, chunk_groups=chunk_groups(run.rollout.chunk_groups, len(samples), run.layout.engines))
     key = f"rlad/generation/{next(_CALLS)}"
     start = time.monotonic()
     deadline = start + 60.0 * platform.timeout_minutes()
@@ -44,6 +45,15 @@ def generate_everywhere(run: Run, samples: Sequence, n: int, sampling: SamplingP
     platform.wait_for_all(f"{key}/done", since=start, what=what)
     rollouts, rewards = flatten(gather_chunks(work.results, plan), plan)
     return rollouts, rewards, engine_load(run, work, time.monotonic() - start, scorer.pop_timeouts())
+
+
+def chunk_groups(flag: int, prompts: int, engines: int) -> int:
+    """Prompt groups per engine request: `--rollout-chunk-groups`, or for 0 (auto)
+    `ceil(prompts / (engines x AUTO_CHUNKS_PER_ENGINE))`, so an in-process engine batches a call's prompts in a few
+    requests (a 512-prompt greedy eval is 2 requests of 256 on one engine, not 512 of 1) while engines that free up
+    early still take work from slower ones. The samples do not depend on it: each sequence's seed is its index in
+    the call (`rollout.dispatch`)."""
+    return flag if flag > 0 else max(1, -(-prompts // (engines * AUTO_CHUNKS_PER_ENGINE)))
 
 
 def engine_load(run: Run, work: EngineWork, seconds: float, timeouts: int) -> dict:
