@@ -50,8 +50,8 @@ from rlad_megatron.reproduce.runs import read_metrics, run_done, run_path, tune_
 class Plan:
     """The job graph; the tuning stages decide the later jobs as their results come in (`tuning.json`)."""
 
-    def __init__(self, out: Path, pair: Path, r: Recipe):
-        self.out, self.pair, self.r = out, pair, r
+    def __init__(self, out: Path, pair: Path, r: Recipe, wait_for_pair: bool = False):
+        self.out, self.pair, self.r, self.wait_for_pair = out, pair, r, wait_for_pair
         self.tuning: dict[str, dict] = {m: {"stage1": {}, "stage2": {}, "chosen": None} for m in r.methods}
         self.py = sys.executable
 
@@ -63,6 +63,11 @@ class Plan:
 
         def pair_job(name: str, needs: tuple[str, ...] = ()) -> Job:
             argv, produces = pair[name]
+            if self.wait_for_pair and not (produces / "config.json").exists():
+                # the same command is running in another process: this job only waits for its result
+                return Job(name, [self.py, "-c", f"import pathlib, time\nwhile not pathlib.Path("
+                                  f"{str(produces / 'config.json')!r}).exists(): time.sleep(5)"],
+                           done=lambda: (produces / "config.json").exists(), needs=needs, shown=argv)
             outputs = tuple(Path(argv[i + 1]) for i, x in enumerate(argv) if x in ("--out", "--output-dir", "--save-hf"))
             return Job(name, argv, done=lambda: (produces / "config.json").exists(), needs=needs, clean=outputs)
 
@@ -151,6 +156,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--report-only", action="store_true", help="only re-render the report from --out's files")
     p.add_argument("--methods", nargs="*", default=None, choices=METHODS)
     p.add_argument("--lanes", type=int, default=None, help="parallel single-rank jobs (default 2)")
+    p.add_argument("--wait-for-pair", action="store_true",
+                   help="the pair's unfinished jobs are running elsewhere with the same commands (e.g. an earlier "
+                        "invocation's orphans): wait for their outputs instead of starting them")
     a = p.parse_args(argv)
 
     overrides = dict(QUICK) if a.quick else {}
@@ -179,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "invocations": before.get("invocations", 0) + 1}
         t0 = time.perf_counter()
         (out / "meta.json").write_text(json.dumps({**meta, "wall_s": before.get("wall_s", 0.0)}, indent=1))
-        plan = Plan(out, pair, r)
+        plan = Plan(out, pair, r, wait_for_pair=a.wait_for_pair)
         try:
             Lanes(out, r.lanes).run(plan.jobs())
         finally:

@@ -14,14 +14,14 @@ import json
 from pathlib import Path
 
 from rlad_megatron.data.loader import load_prompts, parse_task_config, prompt_key
-from rlad_megatron.reproduce.recipe import STUDENT_SEED, TASK_CONFIG, TEACHER_SEED, TUNE_SEED, Recipe
+from rlad_megatron.reproduce.recipe import STUDENT_SEED, TEACHER_SEED, TUNE_SEED, Recipe
 
 
 def prompt_sets(r: Recipe) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """(training sets, held-out sets) as sets of prompt texts."""
     from rlad_megatron.data.char_tokenizer import build_char_tokenizer
 
-    tok, configs = build_char_tokenizer(), parse_task_config(list(TASK_CONFIG))
+    tok, configs = build_char_tokenizer(), parse_task_config(list(r.task_config))
 
     def prompts(split: str, size: int, seed: int) -> set[str]:
         return {prompt_key(s) for s in load_prompts("builtin:addition", split=split, size=size, seed=seed,

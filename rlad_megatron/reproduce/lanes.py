@@ -28,6 +28,7 @@ class Job:
     needs: tuple[str, ...] = ()
     then: Callable[[], list[Job]] = field(default=list)
     clean: tuple[Path, ...] = ()  # outputs of an interrupted earlier attempt, removed before the job starts
+    shown: list[str] | None = None  # the command to record when `argv` only waits for it to finish elsewhere
 
 
 class Lanes:
@@ -45,7 +46,9 @@ class Lanes:
 
     def _run(self, job: Job) -> None:
         entry = self.record.setdefault(job.name, {})
-        entry["command"] = "OMP_NUM_THREADS=1 " + shlex.join(job.argv)
+        entry["command"] = "OMP_NUM_THREADS=1 " + shlex.join(job.shown or job.argv)
+        if job.shown:
+            entry["waited_for"] = True
         if job.done():
             entry.setdefault("seconds", None)
             entry["reused"] = True

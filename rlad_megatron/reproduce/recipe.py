@@ -70,7 +70,7 @@ class Recipe:
     """Every knob of the comparison that is not tuned."""
 
     teacher_iters: int = 4000  # cosine 3e-3 -> 3e-4
-    student_iters: int = 1000  # constant 3e-3
+    student_iters: int = 1250  # constant 3e-3
     sft_batch: int = 64  # traces per SFT step
     tune_iters: int = 100
     rl_iters: int = 150
@@ -91,6 +91,7 @@ class Recipe:
     tune_lr: tuple[float, ...] = TUNE_LR
     tune_updates: tuple[int, ...] = TUNE_UPDATES
     tune_knobs: bool = True  # stage 2 of the grid (the knob's other values)
+    task_config: tuple[str, ...] = TASK_CONFIG
 
     def check(self) -> None:
         for n in (self.rl_iters, self.tune_iters):
@@ -101,7 +102,9 @@ class Recipe:
             raise ValueError(f"unknown methods {sorted(unknown)}; choose from {METHODS}")
 
 
-QUICK = dict(teacher_iters=200, student_iters=50, tune_iters=4, rl_iters=4, eval_interval=2, eval_size=32,
+# --quick: 2-digit sums of 2 terms (a 300-step teacher solves some, so every method has something to learn from)
+QUICK = dict(task_config=("min_digits=2", "max_digits=2", "min_terms=2", "max_terms=2"), teacher_iters=300,
+             student_iters=50, tune_iters=4, rl_iters=4, eval_interval=2, eval_size=32,
              final_seeds=(110_000_000, 120_000_000), final_k=2, tune_lr=(1e-4,), tune_updates=(1, 2),
              tune_knobs=False, lr_warmup_steps=2)
 
@@ -127,14 +130,14 @@ def select(scores: dict[Setting, float]) -> Setting:
 # ------------------------------------------------------------------------------------------------ commands
 
 
-def task_flags() -> list[str]:
-    return [x for c in TASK_CONFIG for x in ("--task-config", c)]
+def task_flags(r: Recipe) -> list[str]:
+    return [x for c in r.task_config for x in ("--task-config", c)]
 
 
 def pair_commands(out: Path, r: Recipe, py: str = "python") -> list[tuple[str, list[str], Path]]:
     """(name, argv, the dir it produces) for the pair: random tiny Qwen2 models over the char tokenizer, then SFT on
     column-addition traces (teacher d=64 long, student d=32 short)."""
-    common = ["--prompt-data", "builtin:addition", "--eval-data", "builtin:addition", *task_flags(),
+    common = ["--prompt-data", "builtin:addition", "--eval-data", "builtin:addition", *task_flags(r),
               "--eval-size", str(r.eval_size), "--eval-seed", str(r.eval_seed), "--no-chat-template",
               "--max-response-len", str(r.max_response_len)]
     sft = ["--algo", "sft", "--sft-source", "dataset", "--rollout-batch-size", str(r.sft_batch),
@@ -176,7 +179,7 @@ def rl_command(s: Setting, seed: int, iters: int, split: str, d: Path, r: Recipe
                py: str = "python") -> list[str]:
     """One single-rank training run on the student; everything but `s` is shared by all methods."""
     return [py, "-m", "rlad_megatron.train",
-            "--prompt-data", "builtin:addition", "--eval-data", "builtin:addition", *task_flags(),
+            "--prompt-data", "builtin:addition", "--eval-data", "builtin:addition", *task_flags(r),
             "--no-chat-template", "--max-response-len", str(r.max_response_len),
             "--train-size", str(iters * r.rollout_batch_size), "--eval-size", str(r.eval_size),
             "--eval-seed", str(r.eval_seed), "--eval-split", split,
@@ -190,7 +193,7 @@ def rl_command(s: Setting, seed: int, iters: int, split: str, d: Path, r: Recipe
 
 def eval_argv(model: Path, out_json: Path, r: Recipe) -> list[str]:
     """rlad-eval of one model on the final held-out set, k samples at the paper's eval sampling."""
-    return ["--model", str(model), "--data", "builtin:addition", *task_flags(), "--size", str(r.eval_size),
+    return ["--model", str(model), "--data", "builtin:addition", *task_flags(r), "--size", str(r.eval_size),
             "--seed", str(r.eval_seed), "--k", str(r.final_k), "--temperature", str(r.final_temperature),
             "--top-p", str(r.final_top_p), "--max-new-tokens", str(r.max_response_len), "--no-chat-template",
             "--quiet", "--output-json", str(out_json)]

@@ -16,7 +16,6 @@ from rlad_megatron.reproduce.recipe import (
     KNOB,
     METHOD_LABEL,
     SELECTION_RULE,
-    TASK_CONFIG,
     Recipe,
     Setting,
 )
@@ -169,8 +168,8 @@ def write_report(out: Path, pair: Path, *, quick: bool) -> Path:
         L += ["> **--quick smoke run**: tiny budgets; the numbers carry no information about the methods.", ""]
     L += [(f"Written by `python -m rlad_megatron.reproduce{' --quick' if quick else ''}` "
           f"(`examples/reproduce_tiny.sh`) on {time.strftime('%Y-%m-%d')}; every number is parsed back from the runs' "
-          "own files. Task: column addition of 2-3 terms of exactly 4 digits with an explicit carry trace "
-          f"(`builtin:addition`, `{' '.join('--task-config ' + c for c in TASK_CONFIG)}`), binary exact-answer "
+          "own files. Task: column addition with an explicit carry trace "
+          f"(`builtin:addition`, `{' '.join('--task-config ' + c for c in r.task_config)}`), binary exact-answer "
           "reward, a char-level Qwen2 pair trained here from nothing."), ""]
     L += ["## Held-out by construction", "",
           (f"**Overlap: {ho['eval_vs_training']} of the {ho['sizes']['eval']} final-eval prompts and "
@@ -228,10 +227,12 @@ def write_report(out: Path, pair: Path, *, quick: bool) -> Path:
     L += ["## Settings", ""] + settings_lines(r) + [""]
     L += ["## Commands (in order of start; cwd = repository root; paths relative to it)", "", "```"]
     for j in data["jobs"].values():
-        L.append(relative(j["command"], out, pair) + ("    # reused from an earlier invocation" if j.get("reused") else ""))
+        note = ("    # started by an earlier invocation; this one waited for it" if j.get("waited_for") else
+                "    # reused from an earlier invocation" if j.get("reused") else "")
+        L.append(relative(j["command"], out, pair) + note)
     L += ["```", ""]
     mi, meta = data["meta"]["machine"], data["meta"]
-    secs = [j["seconds"] for j in data["jobs"].values() if j.get("seconds")]
+    secs = [j["seconds"] for j in data["jobs"].values() if j.get("seconds") and not j.get("waited_for")]
     L += ["## Machine and wall-clock", "", (f"* `nproc` {mi['nproc']}; CPU {mi['cpu']}; Python {mi['python']}, torch "
           f"{mi['torch']}; load average at start {mi['loadavg']}."),
           f"* Wall-clock of the driver: {meta['wall_s'] / 60:.1f} min with {r.lanes} jobs side by side"
