@@ -65,8 +65,8 @@ class Plan:
             argv, produces = pair[name]
             if self.wait_for_pair and not (produces / "config.json").exists():
                 # the same command is running in another process: this job only waits for its result
-                return Job(name, [self.py, "-c", f"import pathlib, time\nwhile not pathlib.Path("
-                                  f"{str(produces / 'config.json')!r}).exists(): time.sleep(5)"],
+                return Job(name, [self.py, "-c", (f"import pathlib, time\nwhile not pathlib.Path("
+                                  f"{str(produces / 'config.json')!r}).exists(): time.sleep(5)")],
                            done=lambda: (produces / "config.json").exists(), needs=needs, shown=argv)
             outputs = tuple(Path(argv[i + 1]) for i, x in enumerate(argv) if x in ("--out", "--output-dir", "--save-hf"))
             return Job(name, argv, done=lambda: (produces / "config.json").exists(), needs=needs, clean=outputs)
