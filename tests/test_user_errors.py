@@ -38,6 +38,7 @@ from rlad_megatron.convert import load_hf_into_megatron, save_megatron_checkpoin
 from rlad_megatron.models.builder import build_model
 from rlad_megatron.models.families import spec_from_hf_config
 from rlad_megatron.tiny import make_tiny_model
+from rlad_megatron.optim import build_optimizer
 
 root = Path(sys.argv[1])
 student = make_tiny_model(root / "student", "test", seed=0)
@@ -45,7 +46,14 @@ make_tiny_model(root / "teacher", "test", seed=1)
 platform.init(platform.Layout())
 model = build_model(spec_from_hf_config(student))
 load_hf_into_megatron(model, student)
-save_checkpoint(root / "save", 1, model, train_state={"step": 1, "prompt_position": 1, "sft_pos": 0})
+# a training checkpoint as rlad-train writes it: model, the run's (fp32 Adam) optimizer and scheduler, train state
+ddp, optimizer, scheduler = build_optimizer(model, lr=1e-4, lr_decay_steps=1)
+ddp.zero_grad_buffer()
+optimizer.zero_grad()
+optimizer.step()  # one step with zero gradients: Adam state with a step count, weights unchanged
+scheduler.step(1)
+save_checkpoint(root / "save", 1, model, optimizer, scheduler,
+                train_state={"step": 1, "prompt_position": 1, "sft_pos": 0})
 save_megatron_checkpoint(model, root / "mcore")
 platform.shutdown()
 """

@@ -50,8 +50,8 @@ from rlad_megatron.reproduce.runs import read_metrics, run_done, run_path, tune_
 class Plan:
     """The job graph; the tuning stages decide the later jobs as their results come in (`tuning.json`)."""
 
-    def __init__(self, out: Path, pair: Path, r: Recipe, wait_for_pair: bool = False):
-        self.out, self.pair, self.r, self.wait_for_pair = out, pair, r, wait_for_pair
+    def __init__(self, out: Path, pair: Path, r: Recipe, wait_for: tuple[str, ...] = ()):
+        self.out, self.pair, self.r, self.wait_for = out, pair, r, wait_for
         self.tuning: dict[str, dict] = {m: {"stage1": {}, "stage2": {}, "chosen": None} for m in r.methods}
         self.py = sys.executable
 
@@ -63,7 +63,7 @@ class Plan:
 
         def pair_job(name: str, needs: tuple[str, ...] = ()) -> Job:
             argv, produces = pair[name]
-            if self.wait_for_pair and not (produces / "config.json").exists():
+            if name in self.wait_for and not (produces / "config.json").exists():
                 # the same command is running in another process: this job only waits for its result
                 return Job(name, [self.py, "-c", (f"import pathlib, time\nwhile not pathlib.Path("
                                   f"{str(produces / 'config.json')!r}).exists(): time.sleep(5)")],
@@ -156,8 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--report-only", action="store_true", help="only re-render the report from --out's files")
     p.add_argument("--methods", nargs="*", default=None, choices=METHODS)
     p.add_argument("--lanes", type=int, default=None, help="parallel single-rank jobs (default 2)")
-    p.add_argument("--wait-for-pair", action="store_true",
-                   help="the pair's unfinished jobs are running elsewhere with the same commands (e.g. an earlier "
+    p.add_argument("--wait-for", nargs="*", default=[], metavar="PAIR_JOB",
+                   help="pair jobs (e.g. sft_teacher) still running elsewhere with the same commands (an earlier "
                         "invocation's orphans): wait for their outputs instead of starting them")
     a = p.parse_args(argv)
 
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "invocations": before.get("invocations", 0) + 1}
         t0 = time.perf_counter()
         (out / "meta.json").write_text(json.dumps({**meta, "wall_s": before.get("wall_s", 0.0)}, indent=1))
-        plan = Plan(out, pair, r, wait_for_pair=a.wait_for_pair)
+        plan = Plan(out, pair, r, wait_for=tuple(a.wait_for))
         try:
             Lanes(out, r.lanes).run(plan.jobs())
         finally:
