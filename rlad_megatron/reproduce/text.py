@@ -56,10 +56,11 @@ def reading(data: dict, comps: dict, diag: dict | None, teacher_g: float, studen
     means = {m: statistics.fmean(x["final"] for x in f["runs"]) for m, f in finals.items()}
     before = finals[r.methods[0]]["runs"][0]["before"]
     se = math.sqrt(max(before, 0.01) * (1 - min(before, 0.99)) / r.eval_size)
-    out = [(f"The setting has a capacity gap: the teacher ({params['teacher']:,} parameters, "
-           f"{params['teacher'] / params['student']:.1f}x the student) reaches {teacher_g * 100:.1f}% greedy held-out "
-           f"accuracy ({'at least' if teacher_g >= 0.9 else 'below'} 90%), the student starts at {student_g * 100:.1f}% "
-           f"({'at most' if student_g <= 0.5 else 'above'} 50%)."),
+    gap = teacher_g >= 0.9 and student_g <= 0.5 and params["teacher"] > params["student"]
+    out = [(f"{'The setting has' if gap else 'The setting does NOT have'} the capacity gap asked for (a teacher at "
+            f">= 90% greedy held-out accuracy, a smaller student at <= 50%): the teacher ({params['teacher']:,} "
+            f"parameters, {params['teacher'] / params['student']:.1f}x the student) reaches {teacher_g * 100:.1f}%, "
+            f"the student starts at {student_g * 100:.1f}%."),
            "Ranking by mean final greedy accuracy: " + " > ".join(
                f"{m.upper()} {means[m] * 100:.1f}%" for m in sorted(means, key=lambda m: -means[m]))
            + f" (student before RL {before * 100:.1f}%; one eval of {r.eval_size} prompts has a binomial standard "
