@@ -7,9 +7,9 @@
 #   3. finals: every method at its chosen setting on 5 seeds; rlad-eval (Mean@k / Pass@k) of every final student
 #   4. the measured overlap of the held-out sets with every training set, and docs/reproduction.md + PNG
 #      (tables, paired differences with 95% CIs, TRRD-vs-GRPO update diagnostics)
-# About 90 min on a 2-core box (two single-rank runs side by side). Env: OUT (outputs/reproduce), QUICK=1 (the CI
-# smoke run: tiny budgets, writes only under $OUT). Extra arguments go to the driver (e.g. --lanes 4). Finished
-# jobs found in $OUT are reused, so an interrupted run continues where it stopped.
+# Two single-rank runs side by side (--lanes); the end-to-end time on a 2-core box is not measured yet.
+# Env: OUT (outputs/reproduce), QUICK=1 (the CI smoke run: tiny budgets, writes only under $OUT). Extra arguments go
+# to the driver (e.g. --lanes 4). Finished jobs found in $OUT are reused: an interrupted run continues where it stopped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false PYTHONWARNINGS=ignore
