@@ -32,7 +32,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest>=8", "ruff", "import-linter>=2.1"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "ruff", "import-linter>=2.1"],
         # apex is optional (fused Adam/norms): build it from source, it has no usable PyPI wheel.
         "gpu": ["transformer-engine[pytorch]>=2.4", "sglang>=0.5.4", "torch_memory_saver", "sglang-router"],
     },

@@ -105,7 +105,7 @@ class Recipe:
 # --quick: 2-digit sums of 2 terms (a 300-step teacher solves some, so every method has something to learn from)
 QUICK = dict(task_config=("min_digits=2", "max_digits=2", "min_terms=2", "max_terms=2"), teacher_iters=300,
              student_iters=250, tune_iters=4, rl_iters=4, eval_interval=2, eval_size=32,
-             final_seeds=(110_000_000, 120_000_000), final_k=2, tune_lr=(1e-4,), tune_updates=(1, 2),
+             final_seeds=(110_000_000, 120_000_000), final_k=2, tune_lr=(1e-4,), tune_updates=(1,),
              tune_knobs=False, lr_warmup_steps=2)
 
 
