@@ -431,6 +431,13 @@ def main(root: Path) -> None:
         tp2_logits[..., vocab:].abs().max())
     out["ckpt/changed_by_load"] = max_diff(loaded, fresh_logits)
 
+    print_result(out)
+    platform.shutdown()
+
+
+def print_result(out: dict[str, Value]) -> None:
+    """Rank 0 prints `RESULT {json}` of every rank's checks merged: booleans and-ed, floats max-ed, the first
+    non-empty string kept (collective: every rank calls it)."""
     gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, out)
     if dist.get_rank() == 0:
@@ -446,7 +453,6 @@ def main(root: Path) -> None:
                 elif isinstance(v, str) and not merged[k]:
                     merged[k] = v
         print("RESULT " + json.dumps(merged, sort_keys=True), flush=True)
-    platform.shutdown()
 
 
 if __name__ == "__main__":

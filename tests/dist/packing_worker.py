@@ -15,7 +15,6 @@ Rank 0 prints one `RESULT {json}` line (floats: max over ranks, bools: all ranks
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from models_worker import MODELS, error_of, grads_diff, hf_grads, load, max_diff
+from models_worker import MODELS, error_of, grads_diff, hf_grads, load, max_diff, print_result
 
 TEMPERATURE = 0.7
 N_SEQ, MAX_LEN, BUDGET, MBS = 14, 40, 46, 2  # BUDGET 46: 3 and 2 packs on the two DP=2 ranks
@@ -290,19 +289,7 @@ def main(root: Path) -> None:
     out["pp2/pack_tokens"] = ",".join(map(str, pipeline_pack_shapes(root, ref)))
     model_checks(out, root, "pp2", ref)
 
-    gathered: list[dict] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, out)
-    if dist.get_rank() == 0:
-        merged: dict[str, Value] = {}
-        for part in gathered:
-            for k, v in part.items():
-                if k not in merged:
-                    merged[k] = v
-                elif isinstance(v, bool):
-                    merged[k] = merged[k] and v
-                elif isinstance(v, float):
-                    merged[k] = max(merged[k], v)
-        print("RESULT " + json.dumps(merged, sort_keys=True), flush=True)
+    print_result(out)
     platform.shutdown()
 
 
