@@ -30,15 +30,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _ranks import run_ranks
+
 MODES = ("logp+bwd", "logp+ent+bwd", "logp")
 IMPLS = ("logits+vp", "logits+mcore", "fused")
 
@@ -145,19 +142,10 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(impl: str, mode: str, args: argparse.Namespace) -> dict:
-    out_dir = tempfile.mkdtemp(prefix="fused_logprob_bench_")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.tp}", __file__,
-           "--worker", "--impl", impl, "--mode", mode, "--tokens", str(args.tokens), "--hidden", str(args.hidden),
-           "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats", str(args.repeats),
-           "--token-chunk", str(args.token_chunk), "--vocab-chunk", str(args.vocab_chunk), "--out-dir", out_dir]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    p = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=14400)
-    if p.returncode != 0:
-        raise RuntimeError(f"{impl}/{mode} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    ranks = [json.loads(f.read_text()) for f in sorted(Path(out_dir).glob("rank*.json"))]
-    shutil.rmtree(out_dir)
-    if len(ranks) != args.tp:
-        raise RuntimeError(f"{impl}/{mode}: expected {args.tp} rank results, got {len(ranks)}")
+    ranks = run_ranks(__file__, ["--impl", impl, "--mode", mode, "--tokens", str(args.tokens), "--hidden",
+                                 str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats",
+                                 str(args.repeats), "--token-chunk", str(args.token_chunk), "--vocab-chunk",
+                                 str(args.vocab_chunk)], nproc=args.tp, label=f"{impl}/{mode}", timeout=14400)
     wall = [max(r["times"][i] for r in ranks) for i in range(args.repeats)]
     cpu = [max(r["cpu"][i] for r in ranks) for i in range(args.repeats)]
     return {"peak_mib": max(r["peak_mib"] for r in ranks), "time_s": statistics.median(wall),

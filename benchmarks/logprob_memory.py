@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from _ranks import run_ranks
+
 MODES = ("logp", "logp+ent", "logp+ent+bwd")
 
 
@@ -118,18 +114,9 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def launch(impl: str, mode: str, chunk: int, args: argparse.Namespace) -> dict:
-    out_dir = tempfile.mkdtemp(prefix="logprob_bench_")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.tp}",
-           __file__, "--worker", "--impl", impl, "--mode", mode, "--chunk", str(chunk), "--tokens", str(args.tokens),
-           "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats", str(args.repeats), "--out-dir", out_dir]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONWARNINGS="ignore")
-    p = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=1800)
-    if p.returncode != 0:
-        raise RuntimeError(f"{impl}/{mode} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    ranks = [json.loads(f.read_text()) for f in sorted(Path(out_dir).glob("rank*.json"))]
-    shutil.rmtree(out_dir)
-    if len(ranks) != args.tp:
-        raise RuntimeError(f"{impl}/{mode}: expected {args.tp} rank results, got {len(ranks)}")
+    ranks = run_ranks(__file__, ["--impl", impl, "--mode", mode, "--chunk", str(chunk), "--tokens", str(args.tokens),
+                                 "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats", str(args.repeats)],
+                      nproc=args.tp, label=f"{impl}/{mode}", timeout=1800)
     per_repeat = [max(r["times"][i] for r in ranks) for i in range(args.repeats)]
     return {"peak_mib": max(r["peak_mib"] for r in ranks), "time_s": statistics.median(per_repeat)}
 
