@@ -25,8 +25,10 @@ from rlad_megatron.reproduce.recipe import (
     Recipe,
     Setting,
     knob_grid,
+    pair_commands,
     rl_command,
     select,
+    training_sets,
     tuning_grid,
 )
 from rlad_megatron.reproduce.report import paired_ci
@@ -66,6 +68,19 @@ def test_commands_differ_only_in_the_method_and_its_knob(tmp_path):
     assert len({tuple(argv(Setting(m))) for m in METHODS}) == 1
     assert "--eval-split tune" in " ".join(rl_command(Setting("grpo"), 7, 100, "tune", tmp_path, r, tmp_path))
     assert "--ref-kl-coef 0.01" in " ".join(rl_command(Setting("grpo", knob=0.01), 7, 100, "tune", tmp_path, r, tmp_path))
+
+
+def test_the_heldout_check_regenerates_exactly_the_sets_the_commands_train_on(tmp_path):
+    r = Recipe()
+
+    def size_seed(argv: list[str]) -> tuple[int, int]:
+        return int(argv[argv.index("--train-size") + 1]), int(argv[argv.index("--seed") + 1])
+
+    drawn = {size_seed(argv) for name, argv, _ in pair_commands(tmp_path, r) if name.startswith("sft_")}
+    drawn.add(size_seed(rl_command(Setting("rlad"), TUNE_SEED, r.tune_iters, "tune", tmp_path, r, tmp_path)))
+    drawn |= {size_seed(rl_command(Setting("grpo"), s, r.rl_iters, "eval", tmp_path, r, tmp_path))
+              for s in r.final_seeds}
+    assert drawn == set(training_sets(r).values()) and len(drawn) == 3 + len(r.final_seeds)
 
 
 def test_paired_ci_is_the_t_interval():

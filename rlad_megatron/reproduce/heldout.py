@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from rlad_megatron.data.loader import load_prompts, parse_task_config, prompt_key
-from rlad_megatron.reproduce.recipe import STUDENT_SEED, TEACHER_SEED, TUNE_SEED, Recipe
+from rlad_megatron.reproduce.recipe import Recipe, training_sets
 
 
 def prompt_sets(r: Recipe) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
@@ -27,11 +27,7 @@ def prompt_sets(r: Recipe) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
         return {prompt_key(s) for s in load_prompts("builtin:addition", split=split, size=size, seed=seed,
                                                     tokenizer=tok, apply_chat_template=False, configs=configs)}
 
-    train = {"teacher SFT": prompts("train", r.teacher_iters * r.sft_batch, TEACHER_SEED),
-             "student SFT": prompts("train", r.student_iters * r.sft_batch, STUDENT_SEED),
-             "tuning RL": prompts("train", r.tune_iters * r.rollout_batch_size, TUNE_SEED)}
-    for seed in r.final_seeds:
-        train[f"final RL seed {seed}"] = prompts("train", r.rl_iters * r.rollout_batch_size, seed)
+    train = {name: prompts("train", size, seed) for name, (size, seed) in training_sets(r).items()}
     held = {"eval": prompts("eval", r.eval_size, r.eval_seed), "tune": prompts("tune", r.eval_size, r.eval_seed)}
     return train, held
 

@@ -130,6 +130,25 @@ def select(scores: dict[Setting, float]) -> Setting:
 # ------------------------------------------------------------------------------------------------ commands
 
 
+def sft_prompts(r: Recipe, iters: int) -> int:
+    """`--train-size` of an SFT run: each prompt's trace is seen once."""
+    return iters * r.sft_batch
+
+
+def rl_prompts(r: Recipe, iters: int) -> int:
+    """`--train-size` of an RL run: each prompt is drawn once."""
+    return iters * r.rollout_batch_size
+
+
+def training_sets(r: Recipe) -> dict[str, tuple[int, int]]:
+    """Every training prompt set of the comparison, name -> (`--train-size`, `--seed`), as the commands draw them
+    (the held-out check regenerates exactly these)."""
+    return {"teacher SFT": (sft_prompts(r, r.teacher_iters), TEACHER_SEED),
+            "student SFT": (sft_prompts(r, r.student_iters), STUDENT_SEED),
+            "tuning RL": (rl_prompts(r, r.tune_iters), TUNE_SEED),
+            **{f"final RL seed {seed}": (rl_prompts(r, r.rl_iters), seed) for seed in r.final_seeds}}
+
+
 def task_flags(r: Recipe) -> list[str]:
     return [x for c in r.task_config for x in ("--task-config", c)]
 
@@ -146,7 +165,7 @@ def pair_commands(out: Path, r: Recipe, py: str = "python") -> list[tuple[str, l
 
     def sft_run(who: str, iters: int, seed: int, schedule: list[str]) -> list[str]:
         return [py, "-m", "rlad_megatron.train", *common, *sft, "--student-hf", str(out / f"{who}_init"),
-                "--train-size", str(iters * r.sft_batch), "--train-iters", str(iters), *schedule,
+                "--train-size", str(sft_prompts(r, iters)), "--train-iters", str(iters), *schedule,
                 "--eval-interval", str(max(iters // 4, 1)), "--seed", str(seed),
                 "--output-dir", str(out / f"sft_{who}"), "--save-hf", str(out / who)]
 
@@ -181,7 +200,7 @@ def rl_command(s: Setting, seed: int, iters: int, split: str, d: Path, r: Recipe
     return [py, "-m", "rlad_megatron.train",
             "--prompt-data", "builtin:addition", "--eval-data", "builtin:addition", *task_flags(r),
             "--no-chat-template", "--max-response-len", str(r.max_response_len),
-            "--train-size", str(iters * r.rollout_batch_size), "--eval-size", str(r.eval_size),
+            "--train-size", str(rl_prompts(r, iters)), "--eval-size", str(r.eval_size),
             "--eval-seed", str(r.eval_seed), "--eval-split", split,
             "--student-hf", str(pair / "student"), *method_flags(s, pair / "teacher"),
             "--rollout-batch-size", str(r.rollout_batch_size), "--n-samples-per-prompt", str(r.n_samples),
