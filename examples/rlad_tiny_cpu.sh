@@ -40,7 +40,7 @@ echo "== $ALGO on the student; teacher at TP=2 beside the student at TP=1 (2 ran
 $PY -m torch.distributed.run --standalone --nproc_per_node=2 -m rlad_megatron.train "${COMMON[@]}" \
   --algo "$ALGO" --student-hf "$OUT/student" --teacher-hf "$OUT/teacher" \
   --tensor-model-parallel-size 1 --teacher-tensor-model-parallel-size 2 \
-  --rollout-batch-size 8 --n-samples-per-prompt 8 --rollout-chunk-groups 2 \
+  --rollout-batch-size 8 --n-samples-per-prompt 8 \
   --micro-batch-size 32 --num-updates-per-rollout 2 \
   --lr 1e-4 --lr-warmup-steps 10 --train-iters "$RL_ITERS" --eval-interval 50 --check-weight-sync \
   --output-dir "$OUT/$ALGO" --save "$OUT/$ALGO/ckpt" --save-interval "$RL_ITERS" --save-hf "$OUT/${ALGO}_student"

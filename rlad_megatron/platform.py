@@ -146,6 +146,19 @@ def apply_cpu_compat() -> None:
     _CPU_COMPAT_APPLIED = True
 
 
+@contextlib.contextmanager
+def native_torch():
+    """The CPU layer's device-rewriting mode off, for code that never asks for CUDA (the rollout engines' decode
+    loops). The mode costs a Python call per torch op: the tiny HF engine's decode ran 1.5x slower under it."""
+    import torch.overrides as overrides
+
+    if not isinstance(overrides._get_current_function_mode(), _CudaToCpu):
+        yield
+        return
+    with overrides._pop_mode_temporarily():
+        yield
+
+
 def _exit_with_parent() -> None:
     """Linux: the checkpoint writer's Manager process gets SIGTERM when its rank dies (even by kill -9)."""
     import ctypes
@@ -331,24 +344,26 @@ class CollectiveTimeoutError(RankLocalError):
 
 def wait_for_all(key: str, *, since: float, what: str) -> None:
     """A barrier through the job's TCP store that gives up with a clear message instead of a watchdog trace: each
-    rank checks in under `key`, then polls until all have, until `since + --distributed-timeout-minutes`
-    (`since` is a `time.monotonic()` stamp of when `what` started). Ranks wait here, not inside a collective, while
-    others still generate."""
+    rank checks in under `key`, the last one sets `key/all`, and every rank waits on that key (no polling) until
+    `since + --distributed-timeout-minutes` (`since` is a `time.monotonic()` stamp of when `what` started). Ranks
+    wait here, not inside a collective, while others still generate."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     import time
 
     store = dist.distributed_c10d._get_default_store()
     deadline, world = since + 60.0 * _timeout_minutes, dist.get_world_size()
-    arrived = store.add(key, 1)
-    while arrived < world or time.monotonic() > deadline:
-        if time.monotonic() > deadline:
-            raise CollectiveTimeoutError(
-                f"{what} did not finish on every rank within --distributed-timeout-minutes={_timeout_minutes:g} "
-                f"({arrived} of {world} ranks done); raise the flag for longer rollouts or lower "
-                "--max-response-len / --rollout-batch-size")
-        time.sleep(0.02)
-        arrived = store.add(key, 0)
+    if store.add(key, 1) == world:
+        store.set(f"{key}/all", "1")
+    try:
+        store.wait([f"{key}/all"], datetime.timedelta(seconds=max(deadline - time.monotonic(), 1e-3)))
+    except dist.DistStoreError:
+        if time.monotonic() < deadline:
+            raise
+        raise CollectiveTimeoutError(
+            f"{what} did not finish on every rank within --distributed-timeout-minutes={_timeout_minutes:g} "
+            f"({store.add(key, 0)} of {world} ranks done); raise the flag for longer rollouts or lower "
+            "--max-response-len / --rollout-batch-size") from None
 
 
 def barrier() -> None:

@@ -142,10 +142,14 @@ def test_pack_unpack_round_trip():
                    (x.prompt_ids, x.output_ids, x.output_logprobs, x.finish_reason)
 
 
-def test_auto_chunks_batch_a_call_into_a_few_requests_per_engine():
-    """--rollout-chunk-groups 0: a 512-prompt greedy eval on one engine is 2 requests, not 512; a flag wins."""
+def test_auto_chunks_one_request_per_static_engine_one_group_per_request_for_sglang():
+    """--rollout-chunk-groups 0: a static-batch engine (HF) gets one request per engine and call (a 512-prompt greedy
+    eval on one engine is 1 request, not 512); an engine that batches requests in flight (SGLang) one group per
+    request; a flag wins."""
     from rlad_megatron.step.generate import chunk_groups
 
-    assert chunk_groups(0, 512, 1) == 256 and WorkPlan(prompts(512), n=1, chunk_groups=256).chunks == 2
-    assert chunk_groups(0, 8, 1) == 4 and chunk_groups(0, 8, 4) == 1 and chunk_groups(0, 64, 32) == 1
-    assert chunk_groups(0, 5, 2) == 2 and chunk_groups(3, 512, 1) == 3
+    assert chunk_groups(0, 512, 1, False) == 512 and WorkPlan(prompts(512), n=1, chunk_groups=512).chunks == 1
+    assert chunk_groups(0, 8, 2, False) == 4 and chunk_groups(0, 8, 4, False) == 2 and chunk_groups(0, 64, 32, False) == 2
+    assert chunk_groups(0, 5, 2, False) == 3 and WorkPlan(prompts(5), n=1, chunk_groups=3).chunks == 2
+    assert chunk_groups(0, 512, 8, True) == 1 and chunk_groups(0, 3, 1, True) == 1
+    assert chunk_groups(3, 512, 1, False) == 3 and chunk_groups(3, 512, 1, True) == 3

@@ -266,3 +266,24 @@ def test_teacher_layout_must_divide_the_world(monkeypatch):
     with pytest.raises(ValueError, match=r"teacher TP\*PP = 3\*1 does not divide the world size 4"):
         platform.make_process_groups(3)
     assert calls == [], "no group may be created before the check (the other ranks would hang)"
+
+
+# ---------------------------------------------------------------------------------------------- CPU layer
+
+
+def test_native_torch_turns_the_cuda_to_cpu_mode_off_inside_and_back_on_after():
+    """Megatron's `device="cuda"` maps to CPU under the CPU layer's mode; `native_torch` (around the engines' decode
+    loops) runs plain torch, and restores the mode after, also on an error. Without the mode it does nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with platform._CudaToCpu():
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        with platform.native_torch():
+            with pytest.raises((RuntimeError, AssertionError)):
+                torch.zeros(2, device="cuda")
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+        with pytest.raises(ValueError), platform.native_torch():
+            raise ValueError("inside")
+        assert torch.zeros(2, device="cuda").device.type == "cpu"
+    with platform.native_torch():
+        assert torch.zeros(2).sum() == 0

@@ -175,7 +175,7 @@ class HFEngine:
         tail = self.tokenizer.decode(ids[-(longest + 8) :])
         return next((s for s in stops if s in tail), None)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping per op: the decode loop is Python-bound on small models
     def generate(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> list[Rollout]:
         """Sample continuations. prompts: B lists of token ids (non-empty) -> B `Rollout`s in prompt order."""
         self._check_ready()
@@ -206,8 +206,10 @@ class HFEngine:
             ).logits[:, -1]
             active = list(range(n_rows))  # batch row -> prompt index
             pos = pos[:, -1:]
+            # row i's draws for every step up front: the same stream as one draw per step from gens[i]
+            draws = torch.stack([torch.rand(n_new, generator=g, dtype=torch.float64) for g in gens])  # [B, n_new]
             for step in range(n_new):
-                uniforms = torch.stack([torch.rand((), generator=gens[i], dtype=torch.float64) for i in active])
+                uniforms = draws[active, step]
                 tok, lp = sample_from_logits(logits, sampling, uniforms.to(logits.device))
                 tok_cpu = tok.cpu()
                 out_ids[active, step] = tok_cpu

@@ -63,6 +63,7 @@ class RolloutConfig:
     eval_samples: int = 1
     sft_source: str = "teacher"
     chunk_groups: int = 0  # prompt groups per engine request (--rollout-chunk-groups; 0: auto)
+    engine_batches_in_flight: bool = False  # SGLang batches concurrent requests; the HF engine runs one at a time
     gpus_per_engine: int = 1  # --rollout-num-gpus-per-engine
     save_dir: str | None = None  # --save-rollouts: every step's rollouts as JSONL (rank 0)
 
@@ -74,7 +75,9 @@ class RolloutConfig:
                    sampling=sampling_from_args(args, temperature=args.rollout_temperature), seed=args.seed,
                    dynamic_sampling=args.dynamic_sampling, max_sampling_rounds=args.max_sampling_rounds,
                    eval_sampling=eval_sampling, eval_samples=args.eval_samples, sft_source=args.sft_source,
-                   chunk_groups=args.rollout_chunk_groups, gpus_per_engine=args.rollout_num_gpus_per_engine,
+                   chunk_groups=args.rollout_chunk_groups,
+                   engine_batches_in_flight=args.rollout_engine in ("sglang", "sglang-remote"),
+                   gpus_per_engine=args.rollout_num_gpus_per_engine,
                    save_dir=args.save_rollouts)
 
     @property

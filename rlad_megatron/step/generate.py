@@ -24,14 +24,14 @@ from rlad_megatron.step.run import Run
 # every rank makes the same generation calls in the same order: the n-th call's chunk queue and barrier keys in the
 # job's store are the same on every rank, and fresh for each call (also across runs in one process)
 _CALLS = itertools.count(1)
-AUTO_CHUNKS_PER_ENGINE = 2  # --rollout-chunk-groups 0: requests per engine and call (balance vs batching)
 
 
 def generate_everywhere(run: Run, samples: Sequence, n: int, sampling: SamplingParams, scorer: Scorer,
                         what: str) -> tuple[list[Rollout], list[float], dict]:
     """`n` samples per prompt from every engine: (rollouts and rewards in `prompt x n` order, identical on every
     rank; `perf/` metrics of the engines' load)."""
-    plan = WorkPlan(samples, n, chunk_groups=chunk_groups(run.rollout.chunk_groups, len(samples), run.layout.engines))
+    plan = WorkPlan(samples, n, chunk_groups=chunk_groups(run.rollout.chunk_groups, len(samples), run.layout.engines,
+                                                          run.rollout.engine_batches_in_flight))
     key = f"rlad/generation/{next(_CALLS)}"
     start = time.monotonic()
     deadline = start + 60.0 * platform.timeout_minutes()
@@ -40,20 +40,27 @@ def generate_everywhere(run: Run, samples: Sequence, n: int, sampling: SamplingP
         LocalQueue(plan.chunks)
     work = EngineWork([])
     if run.engine is not None:
-        work = run_engine(run.engine, plan, queue, sampling=sampling, tokenizer=run.tokenizer, scorer=scorer,
-                          concurrency=getattr(run.engine, "concurrency", 1), deadline=deadline)
+        with platform.native_torch():
+            work = run_engine(run.engine, plan, queue, sampling=sampling, tokenizer=run.tokenizer, scorer=scorer,
+                              concurrency=getattr(run.engine, "concurrency", 1), deadline=deadline)
     platform.wait_for_all(f"{key}/done", since=start, what=what)
     rollouts, rewards = flatten(gather_chunks(work.results, plan), plan)
     return rollouts, rewards, engine_load(run, work, time.monotonic() - start, scorer.pop_timeouts())
 
 
-def chunk_groups(flag: int, prompts: int, engines: int) -> int:
-    """Prompt groups per engine request: `--rollout-chunk-groups`, or for 0 (auto)
-    `ceil(prompts / (engines x AUTO_CHUNKS_PER_ENGINE))`, so an in-process engine batches a call's prompts in a few
-    requests (a 512-prompt greedy eval is 2 requests of 256 on one engine, not 512 of 1) while engines that free up
-    early still take work from slower ones. The samples do not depend on it: each sequence's seed is its index in
-    the call (`rollout.dispatch`)."""
-    return flag if flag > 0 else max(1, -(-prompts // (engines * AUTO_CHUNKS_PER_ENGINE)))
+def chunk_groups(flag: int, prompts: int, engines: int, batches_in_flight: bool) -> int:
+    """Prompt groups per engine request: `--rollout-chunk-groups`, or for 0 (auto):
+    - an engine that batches the requests it has in flight (SGLang: continuous batching, up to
+      `--rollout-max-inflight` requests) gets one group per request, so engines that free up take the next group
+      and a long-tailed group holds nothing else back;
+    - a static-batch engine (the in-process HF engine: one request at a time, its time the longest sequence's
+      decode steps x the per-step cost) gets one request per engine and call, `ceil(prompts / engines)` groups:
+      cutting a call in more requests only adds decode steps (the tiny CPU example: 0.82 s per step's rollout in
+      2 requests per engine, 0.44 s in 1).
+    The samples do not depend on it: each sequence's seed is its index in the call (`rollout.dispatch`)."""
+    if flag > 0:
+        return flag
+    return 1 if batches_in_flight else max(1, -(-prompts // engines))
 
 
 def engine_load(run: Run, work: EngineWork, seconds: float, timeouts: int) -> dict:
