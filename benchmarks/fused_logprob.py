@@ -5,7 +5,10 @@ Every rank holds the final hidden states ``x [tokens, h]`` (the same on all rank
 ``log softmax(x W^T)[target]``, forward + backward of ``sum(logp)`` (+ ``sum(entropy)`` in mode ``logp+ent+bwd``),
 gradients w.r.t. ``x`` (all-reduced over TP, as ColumnParallelLinear's backward does) and ``W``:
 
-* ``fused``: ``rlad_megatron.ops.output_logprobs`` (tiles of ``--token-chunk`` x ``--vocab-chunk``, no logits).
+* ``fused``: ``rlad_megatron.ops.output_logprobs`` (tiles of ``--token-chunk`` x ``--vocab-chunk``, no logits;
+  differentiable log-probs for any loss, so its backward recomputes the logits: 4 GEMMs).
+* ``fused-loss``: ``rlad_megatron.ops.output_loss`` with the same loss, differentiated in the forward pass (what the
+  update runs: chunks of ``--loss-token-chunk`` tokens x the whole vocab shard, 3 GEMMs); modes with a backward.
 * ``logits+vp``: the output layer's ``[tokens, vocab/tp]`` bf16 logits, then
   ``rlad_megatron.ops.logprobs.vocab_parallel_logprobs``.
 * ``logits+mcore``: the same logits, then megatron-core's ``tensor_parallel.vocab_parallel_cross_entropy``
@@ -37,7 +40,7 @@ from pathlib import Path
 from _ranks import run_ranks
 
 MODES = ("logp+bwd", "logp+ent+bwd", "logp")
-IMPLS = ("logits+vp", "logits+mcore", "fused")
+IMPLS = ("logits+vp", "logits+mcore", "fused", "fused-loss")
 
 
 def _status_kib(key: str) -> int:
@@ -91,6 +94,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
     from rlad_megatron.ops.output_logprobs import output_logprobs
+    from rlad_megatron.ops.output_loss import output_loss
 
     torch.set_num_threads(1)
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -102,6 +106,13 @@ def worker(args: argparse.Namespace) -> None:
 
     def run(x, w, targets):
         with torch.set_grad_enabled(grad):
+            if args.impl == "fused-loss":
+                loss, lp, _, _ = output_loss(x, w, targets, lambda lp, ent: (lp.sum() + (ent.sum() if ent is not None
+                                                                                          else 0.0), None),
+                                             group=dist.group.WORLD, with_entropy=with_entropy,
+                                             token_chunk=args.loss_token_chunk or None, vocab_chunk=args.vocab_chunk)
+                loss.backward()
+                return lp
             if args.impl == "fused":
                 lp, ent = output_logprobs(x, w, targets, group=dist.group.WORLD, with_entropy=with_entropy,
                                           token_chunk=args.token_chunk, vocab_chunk=args.vocab_chunk)
@@ -145,7 +156,7 @@ def launch(impl: str, mode: str, args: argparse.Namespace) -> dict:
     ranks = run_ranks(__file__, ["--impl", impl, "--mode", mode, "--tokens", str(args.tokens), "--hidden",
                                  str(args.hidden), "--vocab", str(args.vocab), "--dtype", args.dtype, "--repeats",
                                  str(args.repeats), "--token-chunk", str(args.token_chunk), "--vocab-chunk",
-                                 str(args.vocab_chunk)], nproc=args.tp, label=f"{impl}/{mode}", timeout=14400)
+                                 str(args.vocab_chunk), "--loss-token-chunk", str(args.loss_token_chunk)], nproc=args.tp, label=f"{impl}/{mode}", timeout=14400)
     wall = [max(r["times"][i] for r in ranks) for i in range(args.repeats)]
     cpu = [max(r["cpu"][i] for r in ranks) for i in range(args.repeats)]
     return {"peak_mib": max(r["peak_mib"] for r in ranks), "time_s": statistics.median(wall),
@@ -167,6 +178,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--token-chunk", type=int, default=4096)
     ap.add_argument("--vocab-chunk", type=int, default=4096)
+    ap.add_argument("--loss-token-chunk", type=int, default=0,
+                    help="fused-loss: tokens per chunk (x vocab/tp); 0: the op's default (64 MiB of fp32 logits)")
     ap.add_argument("--out-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -178,7 +191,9 @@ def main() -> None:
     print("| mode | impl | peak MiB | peak / base | wall s | wall / base | cpu s | cpu / base |\n"
           "|---|---|---:|---:|---:|---:|---:|---:|")
     for mode in args.modes.split(","):
-        impls = [i for i in args.impls.split(",") if not ("ent" in mode and i == "logits+mcore")]  # mcore: no entropy
+        impls = [i for i in args.impls.split(",")
+                 if not ("ent" in mode and i == "logits+mcore")  # mcore: no entropy
+                 and not (not mode.endswith("+bwd") and i == "fused-loss")]  # a loss with its gradient
         base = None
         for impl in impls:
             r = launch(impl, mode, args)

@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GPUs (ranks) per colocated rollout engine = its TP size; engines = world / this")
     g.add_argument("--rollout-chunk-groups", type=int, default=0,
                    help="prompt groups (x n samples) per engine request; engines take requests as they free up "
-                        "(0: auto, about 2 requests per engine and generation call)")
+                        "(0: auto: 1 group per request for SGLang, which batches requests in flight; 1 request "
+                        "per engine and call for the static-batch HF engine)")
     g.add_argument("--save-rollouts", default=None, help="write every step's rollouts as JSONL here (rank 0)")
     g.add_argument("--n-samples-per-prompt", type=int, default=8)
     g.add_argument("--rollout-temperature", type=float, default=1.0)

@@ -150,7 +150,7 @@ def apply_cpu_compat() -> None:
 def native_torch():
     """The CPU layer's device-rewriting mode off, for code that never asks for CUDA (the rollout engines' decode
     loops). The mode costs a Python call per torch op: the tiny HF engine's decode ran 1.5x slower under it."""
-    import torch.overrides as overrides
+    from torch import overrides
 
     if not isinstance(overrides._get_current_function_mode(), _CudaToCpu):
         yield

@@ -1,7 +1,7 @@
 """Fused output-layer log-probs and packed micro-batches across layouts: one 2-rank torchrun launch of
 tests/dist/packing_worker.py (~80 s on the 2-core CPU box) shared by every test here.
 
-* `ops.output_logprobs` at TP=2 == logits + `vocab_parallel_logprobs` (values, entropy, gradients w.r.t. hidden
+* `ops.output_logprobs` and `ops.output_loss` at TP=2 == logits + `vocab_parallel_logprobs` (values, entropy, gradients w.r.t. hidden
   and weight), padded vocab (one rank holding only padding), T=0.7, several tilings; logits near 1e4 vs fp64;
 * packed (block-diagonal mask, one row per micro-batch) vs padded per-token log-probs and entropies of tiny
   Qwen2 (tied) / Qwen3 (untied) models at TP=1 x DP=2, TP=2 and PP=2 (packs of different lengths through 1F1B);
@@ -47,6 +47,16 @@ def test_fused_op_matches_logits_path_tp2(results, vocab):
         assert r[f"fp64/{name}"] < 1e-12, (name, r)
         assert r[f"fp32/{name}"] < 2e-6, (name, r)
     assert r["fp32/pad_grad"] == 0.0 and r["fp64/pad_grad"] == 0.0, r
+
+
+@pytest.mark.parametrize("vocab", [73, 31])
+def test_fused_loss_matches_logits_path_tp2(results, vocab):
+    """`ops.output_loss` at TP=2 (the loss differentiated in the forward pass) == the same loss on the logits path."""
+    r = {k.removeprefix(f"loss/v{vocab}/"): v for k, v in results.items() if k.startswith(f"loss/v{vocab}/")}
+    assert len(r) == 6, r
+    for name in ("loss", "dx", "dw"):
+        assert r[f"fp64/{name}"] < 1e-12, (name, r)
+        assert r[f"fp32/{name}"] < 2e-6, (name, r)
 
 
 def test_fused_op_large_logits_keep_gradient_precision(results):

@@ -278,9 +278,8 @@ def test_native_torch_turns_the_cuda_to_cpu_mode_off_inside_and_back_on_after():
         pytest.skip("needs a machine without CUDA")
     with platform._CudaToCpu():
         assert torch.zeros(2, device="cuda").device.type == "cpu"
-        with platform.native_torch():
-            with pytest.raises((RuntimeError, AssertionError)):
-                torch.zeros(2, device="cuda")
+        with platform.native_torch(), pytest.raises((RuntimeError, AssertionError)):
+            torch.zeros(2, device="cuda")
         assert torch.zeros(2, device="cuda").device.type == "cpu"
         with pytest.raises(ValueError), platform.native_torch():
             raise ValueError("inside")

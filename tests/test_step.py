@@ -82,6 +82,46 @@ def test_micro_and_dp_split_give_the_full_batch_loss_and_gradient(agg, algo):
         torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-10, atol=1e-14)
 
 
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean"])
+@pytest.mark.parametrize("algo", ["grpo", "rlad", "kdrl", "sft"])
+def test_fused_loss_from_hidden_states_equals_the_logits_path(agg, algo, monkeypatch):
+    """The update's fused path (`ops.output_loss`: the loss differentiated in the forward pass, token chunks smaller
+    than a micro-batch) gives the logits path's loss, metrics and gradients w.r.t. the hidden states and weight."""
+    import functools
+
+    from rlad_megatron.models import forward
+    from rlad_megatron.ops.output_loss import output_loss
+
+    monkeypatch.setattr(forward, "output_loss", functools.partial(output_loss, token_chunk=7, vocab_chunk=4))
+    batch, hidden_size = make_batch(seed=3), 5
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(LENGTH, len(batch), hidden_size, generator=g, dtype=torch.float64)  # [s, b, h]
+    weight = torch.randn(VOCAB, hidden_size, generator=g, dtype=torch.float64)
+    cfg = LossConfig(algo=algo, temperature=0.7, agg=agg, entropy_coef=0.1, kl_coef=0.3)
+    count = loss_count(batch, cfg.agg)
+    results = []
+    for fused in (False, True):
+        h, w = hidden.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        model = fake_model(1)
+        model.module = SimpleNamespace(share_embeddings_and_output_weights=False, output_layer=SimpleNamespace(weight=w))
+        model.config = SimpleNamespace(sequence_parallel=False)
+        loss_fn = make_loss_fn(model, cfg, LossContext(), errors := [], global_count=count, n_micro=2, fused=fused)
+        total, metrics = 0.0, []
+        for rows in (slice(0, 4), slice(4, 6)):
+            out = h[:, rows] if fused else (h[:, rows].transpose(0, 1) @ w.t())
+            loss, m = loss_fn(batch.select(rows), out)
+            assert not errors, errors
+            total, metrics = total + loss / 2, metrics + [m]
+        total.backward()
+        results.append((total, metrics, h.grad, w.grad))
+    (ref, ref_m, ref_dh, ref_dw), (got, got_m, dh, dw) = results
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(dh, ref_dh, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(dw, ref_dw, rtol=1e-10, atol=1e-13)
+    for a, b in zip(got_m, ref_m, strict=True):
+        assert a.keys() == b.keys() and all(abs(a[k] - b[k]) <= 1e-9 * max(1.0, abs(b[k])) for k in a), (a, b)
+
+
 def test_entropy_bonus_follows_the_loss_aggregation():
     """The entropy term is aggregated like the policy loss: seq-mean-token-mean weights each sequence equally."""
     batch = make_batch()

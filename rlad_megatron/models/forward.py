@@ -29,6 +29,7 @@ from rlad_megatron import platform
 from rlad_megatron.models.builder import Model
 from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
 from rlad_megatron.ops.output_logprobs import output_logprobs
+from rlad_megatron.ops.output_loss import output_loss
 
 # loss_fn(micro_batch, out) -> (scalar loss, metrics dict); `out` is the logits [b, s, vocab/tp] or, with
 # run_schedule(output="hidden"), the final hidden states [s, b, h]
@@ -91,16 +92,39 @@ def logprobs_from_hidden(model: Model, hidden: torch.Tensor, targets: torch.Tens
     `[s, b, h]`, vocab-parallel over `model`'s TP group with its output weight (tied or not), padded vocab
     masked. Differentiable w.r.t. the hidden states and the output weight. `chunks`: `token_chunk`,
     `vocab_chunk` of `ops.output_logprobs`."""
-    if model.config.sequence_parallel:
-        raise ValueError("logprobs_from_hidden: sequence-parallel hidden states are not supported")
-    s, b = hidden.shape[:2]
-    if targets.shape != (b, s):
-        raise ValueError(f"targets must be [b, s] = [{b}, {s}] for hidden states [s, b, h], got "
-                         f"{tuple(targets.shape)}")
+    _check_hidden(model, hidden, targets)
     logp, ent = output_logprobs(hidden, output_weight(model.module), targets.t().to(hidden.device),
                                 group=model.pg.tp, temperature=temperature, vocab_size=model.spec.vocab_size,
                                 with_entropy=with_entropy, **chunks)
     return logp.t(), (ent.t() if ent is not None else None)
+
+
+def loss_from_hidden(model: Model, hidden: torch.Tensor, targets: torch.Tensor, token_loss, *,
+                     temperature: float = 1.0, with_entropy: bool = False, **chunks):
+    """A per-token loss of the log-probs (and entropies) `[b, s]` of `targets [b, s]` from the last stage's hidden
+    states `[s, b, h]`, differentiated in the forward pass (`ops.output_loss`: the output layer's 3 GEMMs, no
+    logits, no recompute). `token_loss(logp [b, s], entropy [b, s] or None) -> (scalar loss, aux)` must be a sum
+    of per-token terms. Returns (loss, differentiable w.r.t. the hidden states and the output weight; aux)."""
+    s, b = _check_hidden(model, hidden, targets)
+
+    def flat_loss(lp: torch.Tensor, ent: torch.Tensor | None):
+        return token_loss(lp.view(s, b).t(), ent.view(s, b).t() if ent is not None else None)
+
+    loss, _, _, aux = output_loss(hidden.reshape(s * b, hidden.shape[-1]), output_weight(model.module),
+                                  targets.t().reshape(-1).to(hidden.device), flat_loss, group=model.pg.tp,
+                                  temperature=temperature, vocab_size=model.spec.vocab_size, with_entropy=with_entropy,
+                                  **chunks)
+    return loss, aux
+
+
+def _check_hidden(model: Model, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+    if model.config.sequence_parallel:
+        raise ValueError("the fused output layer does not take sequence-parallel hidden states")
+    s, b = hidden.shape[:2]
+    if targets.shape != (b, s):
+        raise ValueError(f"targets must be [b, s] = [{b}, {s}] for hidden states [s, b, h], got "
+                         f"{tuple(targets.shape)}")
+    return s, b
 
 
 def model_inputs(mb) -> dict:

@@ -3,9 +3,9 @@
 Each mini-batch (global batch) is split over the student's data-parallel ranks, then into micro-batches run by
 Megatron's schedule (1F1B when PP > 1): `--micro-batch-size` padded rows each, or with `--use-dynamic-batch-size`
 packs of whole sequences of at most `--max-tokens-per-gpu` tokens, balanced over the DP ranks by token count
-(`packing.plan_micro_batches`; the ranks may run different numbers of packs). The student's log-probs come from
-the final hidden states through the fused output-layer op (no `[tokens, vocab/tp]` logits), except for GKD, whose
-loss needs the full distributions. A pack's per-token outputs are laid back out as the padded rows of its
+(`packing.plan_micro_batches`; the ranks may run different numbers of packs). The loss is computed from the final
+hidden states and differentiated in the forward pass (`ops.output_loss`: no `[tokens, vocab/tp]` logits and no
+recompute, the per-token losses being sums over tokens), except for GKD, whose loss needs the full distributions. A pack's per-token outputs are laid back out as the padded rows of its
 sequences, so every loss sees `[b, L-1]` rows either way. The loss of the whole mini-batch is exact whatever the
 split:
 
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from rlad_megatron import platform
 from rlad_megatron.batch import RolloutBatch
 from rlad_megatron.models.builder import Model
-from rlad_megatron.models.forward import logprobs_from_hidden, next_tokens, run_schedule, score_output, split_rows
+from rlad_megatron.models.forward import loss_from_hidden, next_tokens, run_schedule, score_output, split_rows
 from rlad_megatron.models.packed import PackedBatch, packed_micro_batches
 from rlad_megatron.step.algos import ALGOS, LossConfig, LossContext, PolicyOutput, micro_batch_loss
 from rlad_megatron.step.diagnostics import NonFiniteError
@@ -89,19 +89,35 @@ def fused_output(cfg: LossConfig) -> bool:
     return not ALGOS[cfg.algo].teacher_logits
 
 
-def policy_output(model: Model, mb: RolloutBatch | PackedRows, out: torch.Tensor, cfg: LossConfig,
-                  fused: bool) -> tuple[RolloutBatch, PolicyOutput]:
-    """The micro-batch's rows and the student's `[b, L-1]` log-probs and entropies on them, from the last stage's
-    output: hidden states `[s, b, h]` when `fused` (always for packs), else logits `[b, L, vocab/tp]`."""
-    temperature = cfg.policy_temperature
-    if isinstance(mb, PackedRows):  # one row of sequences: per-token values back to each sequence's row
-        logp, ent = logprobs_from_hidden(model, out, mb.pack.targets, temperature=temperature, with_entropy=True)
-        rows = mb.rows
-        return rows, PolicyOutput(logp=rows.prediction_rows(mb.pack.unpack(logp)),
-                                  entropy=rows.prediction_rows(mb.pack.unpack(ent)))
-    logp, ent = score_output(model, out, next_tokens(mb.tokens), fused=fused, temperature=temperature,
+def policy_output(model: Model, mb: RolloutBatch, logits: torch.Tensor, cfg: LossConfig) -> PolicyOutput:
+    """The student's `[b, L-1]` log-probs and entropies on the micro-batch's rows from the last stage's logits
+    `[b, L, vocab/tp]` (the logits path: GKD's loss needs the full distributions)."""
+    logp, ent = score_output(model, logits, next_tokens(mb.tokens), fused=False, temperature=cfg.policy_temperature,
                              with_entropy=True)
-    return mb, PolicyOutput(logp=logp[:, :-1], entropy=ent[:, :-1], logits=None if fused else out)
+    return PolicyOutput(logp=logp[:, :-1], entropy=ent[:, :-1], logits=logits)
+
+
+def fused_loss(model: Model, mb: RolloutBatch | PackedRows, hidden: torch.Tensor, cfg: LossConfig,
+               ctx: LossContext) -> tuple[RolloutBatch, torch.Tensor, dict]:
+    """(rows, loss, metrics) of the micro-batch from the last stage's hidden states `[s, b, h]`, the loss
+    differentiated in the forward pass (`models.forward.loss_from_hidden`: no logits, no recompute). A pack's
+    per-token values go back to its sequences' rows first, so every loss sees `[b, L-1]` rows either way."""
+    if isinstance(mb, PackedRows):  # one row of sequences
+        rows, targets = mb.rows, mb.pack.targets
+
+        def policy(lp: torch.Tensor, ent: torch.Tensor) -> PolicyOutput:
+            return PolicyOutput(logp=rows.prediction_rows(mb.pack.unpack(lp)),
+                                entropy=rows.prediction_rows(mb.pack.unpack(ent)))
+    else:
+        rows, targets = mb, next_tokens(mb.tokens)
+
+        def policy(lp: torch.Tensor, ent: torch.Tensor) -> PolicyOutput:
+            return PolicyOutput(logp=lp[:, :-1], entropy=ent[:, :-1])
+
+    loss, metrics = loss_from_hidden(model, hidden, targets, lambda lp, ent: micro_batch_loss(rows, policy(lp, ent),
+                                                                                              cfg, ctx),
+                                     temperature=cfg.policy_temperature, with_entropy=True)
+    return rows, loss, metrics
 
 
 def make_loss_fn(model: Model, cfg: LossConfig, ctx: LossContext, errors: list[str], *, global_count: float,
@@ -113,8 +129,11 @@ def make_loss_fn(model: Model, cfg: LossConfig, ctx: LossContext, errors: list[s
 
     def loss_fn(mb: RolloutBatch | PackedRows, out: torch.Tensor):
         try:
-            rows, policy = policy_output(model, mb, out, cfg, fused)
-            loss, metrics = micro_batch_loss(rows, policy, cfg, ctx)
+            if fused:
+                rows, loss, metrics = fused_loss(model, mb, out, cfg, ctx)
+            else:
+                rows = mb
+                loss, metrics = micro_batch_loss(mb, policy_output(model, mb, out, cfg), cfg, ctx)
         except ValueError as err:
             errors.append(str(err))
             return out.sum() * 0.0, {}

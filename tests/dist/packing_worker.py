@@ -4,7 +4,8 @@ tiny HF models of tests/test_models.py, one subdir per name in `models_worker.MO
 
 A. `ops.output_logprobs` at TP=2 (the world group) vs the logits path (`x @ W_local^T` + `vocab_parallel_logprobs`):
    values, entropy, gradients w.r.t. hidden (all-reduced) and weight; fp32/fp64, padded vocab (including a rank
-   that holds only padding), T=0.7, several tilings; logits near 1e4 vs fp64; bf16 vs fp64.
+   that holds only padding), T=0.7, several tilings; logits near 1e4 vs fp64; bf16 vs fp64. `ops.output_loss`
+   (a clipped-ratio loss + entropy bonus differentiated in the forward pass) vs the same loss on the logits path.
 B. Models, lengths drawn long-tailed: the padded TP=1 `compute_logprobs` (logits path) is the reference for
    * `score_packed` (fused and logits) and `compute_logprobs(fused=True)` at TP=1 x DP=2, TP=2 and PP=2;
    * the gradients of a token-mean and a seq-mean-token-mean loss run packed (fused path, `build_optimizer`'s
@@ -111,9 +112,53 @@ def op_checks(out: dict[str, Value]) -> None:
     got = run(fused, x, w_full, torch.bfloat16, vocab_size=73, token_chunk=16, vocab_chunk=16)
     for key, a, b in zip(("logp", "ent", "dx", "dw"), got, ref, strict=True):
         out[f"op/bf16/{key}"] = rel(a, b)
+    loss_checks(out, x, w_full, local)
     out["op/err/dtype"] = error_of(output_logprobs, x.float(), w_full.double(), targets)
     out["op/err/targets"] = error_of(output_logprobs, x.float(), w_full[:local].float(), targets + 200, group=group,
                                      vocab_size=73)
+
+
+def loss_checks(out: dict[str, Value], x: torch.Tensor, w_full: torch.Tensor, local: int) -> None:
+    """`ops.output_loss` at TP=2: a clipped-ratio loss with an entropy bonus, differentiated in the forward pass,
+    vs the same loss on the logits path (value and gradients; several token chunks)."""
+    from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
+    from rlad_megatron.ops.output_loss import output_loss
+
+    group, rank, n = dist.group.WORLD, dist.get_rank(), x.shape[0]
+    g = torch.Generator().manual_seed(9)
+    old, adv = torch.randn(n, generator=g, dtype=torch.float64) - 2.0, torch.randn(n, generator=g, dtype=torch.float64)
+    adv[:3] = 0.0
+
+    def ratio_loss(lp, ent):
+        ratio, a = torch.exp(lp - old.to(lp.dtype)), adv.to(lp.dtype)
+        return (-torch.minimum(ratio * a, ratio.clamp(0.8, 1.28) * a)).sum() - 0.05 * ent.sum(), None
+
+    def run(fused: bool, dtype, vocab, targets, **tiles):
+        xs = x.detach().to(dtype).clone().requires_grad_()
+        w = w_full[rank * local:(rank + 1) * local].to(dtype).clone().requires_grad_()
+        if fused:
+            loss, *_ = output_loss(xs, w, targets, ratio_loss, group=group, temperature=TEMPERATURE,
+                                   vocab_size=vocab, with_entropy=True, **tiles)
+        else:
+            lp, ent = vocab_parallel_logprobs(xs @ w.t(), targets, group=group, temperature=TEMPERATURE,
+                                              vocab_size=vocab, with_entropy=True)
+            loss, _ = ratio_loss(lp, ent)
+        loss.backward()
+        if not fused:
+            dist.all_reduce(xs.grad, group=group)
+        parts = [torch.empty_like(w.grad) for _ in range(2)]
+        dist.all_gather(parts, w.grad.contiguous(), group=group)
+        return loss.detach().double().reshape(1), xs.grad.double(), torch.cat(parts).double()
+
+    for vocab in (73, 31):
+        targets = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(vocab))
+        for dtype, tag in ((torch.float64, "fp64"), (torch.float32, "fp32")):
+            ref = run(False, dtype, vocab, targets)
+            for tiles in ((1024, 4096), (8, 7), (45, 1)):
+                got = run(True, dtype, vocab, targets, token_chunk=tiles[0], vocab_chunk=tiles[1])
+                for name, a, b in zip(("loss", "dx", "dw"), got, ref, strict=True):
+                    key = f"loss/v{vocab}/{tag}/{name}"
+                    out[key] = max(out.get(key, 0.0), rel(a, b))
 
 
 # ------------------------------------------------------------------ B. models

@@ -54,6 +54,42 @@ def test_fused_op_cuda_matches_logits_path(megatron, dtype):
         assert err < tol, (name, err)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_loss_cuda_matches_logits_path(megatron, dtype):
+    """`ops.output_loss` on CUDA (bf16 GEMMs, fp32 accumulators): a clipped-ratio loss + entropy bonus differentiated
+    in the forward pass vs the same loss on the logits path."""
+    from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
+    from rlad_megatron.ops.output_loss import output_loss
+
+    g = torch.Generator().manual_seed(1)
+    n, h, v, vocab = 1000, 256, 4096, 4000
+    x0 = torch.randn(n, h, generator=g).to("cuda", dtype)
+    w0 = (0.1 * torch.randn(v, h, generator=g)).to("cuda", dtype)
+    t = torch.randint(0, vocab, (n,), generator=g).cuda()
+    old, adv = (torch.randn(n, generator=g) - 8.0).cuda(), torch.randn(n, generator=g).cuda()
+
+    def loss_fn(lp, ent):
+        ratio = torch.exp(lp - old)
+        return (-torch.minimum(ratio * adv, ratio.clamp(0.8, 1.28) * adv)).mean() - 0.01 * ent.mean(), None
+
+    res = []
+    for fused in (True, False):
+        x, w = x0.clone().requires_grad_(), w0.clone().requires_grad_()
+        if fused:
+            loss, *_ = output_loss(x, w, t, loss_fn, temperature=0.7, vocab_size=vocab, with_entropy=True,
+                                   token_chunk=384, vocab_chunk=1024)
+        else:
+            lp, ent = vocab_parallel_logprobs(x @ w.t(), t, temperature=0.7, vocab_size=vocab, with_entropy=True)
+            loss, _ = loss_fn(lp, ent)
+        loss.backward()
+        res.append((loss.float(), x.grad.float(), w.grad.float()))
+    tol = {torch.float32: 1e-3, torch.bfloat16: 3e-2}[dtype]
+    for name, a, b in zip(("loss", "dx", "dw"), *res, strict=True):
+        err = float((a - b).abs().max() / b.abs().max())
+        print(f"\n[gpu fused loss] {dtype} {name}: rel diff vs logits path {err:.2e}")
+        assert err < tol, (name, err)
+
+
 def _score_both(model, seqs):
     from rlad_megatron.models.forward import compute_logprobs
     from rlad_megatron.models.packed import score_packed
