@@ -171,6 +171,11 @@ class HFEngine:
         pos = (mask.cumsum(-1) - 1).clamp_(min=0)
         return ids.to(self.device), mask.to(self.device), pos.to(self.device)
 
+    def _decode_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """[B, L] padding mask -> what one decode step attends to: [B, 1, 1, L] bool for SDPA (the model then skips
+        building a causal mask per step), else the 2-D mask."""
+        return mask[:, None, None, :].bool() if self.model.config._attn_implementation == "sdpa" else mask
+
     def _matched_stop_string(self, ids: list[int], stops: tuple[str, ...], longest: int) -> str | None:
         tail = self.tokenizer.decode(ids[-(longest + 8) :])
         return next((s for s in stops if s in tail), None)
@@ -234,7 +239,7 @@ class HFEngine:
                 mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
                 pos = pos + 1
                 logits = self.model(
-                    input_ids=tok[:, None], attention_mask=mask, position_ids=pos, use_cache=True,
+                    input_ids=tok[:, None], attention_mask=self._decode_mask(mask), position_ids=pos, use_cache=True,
                     **{self._cache_kw: cache},
                 ).logits[:, -1]
 
