@@ -152,8 +152,9 @@ class _OutputLoss(torch.autograd.Function):
                 dx.div_(temperature)
             dx = all_reduce(dx, dist.ReduceOp.SUM, group).to(hidden.dtype)
         if need_w:
-            if dw is None:
-                dw = torch.zeros_like(weight)
+            if dw is None:  # untouched pages until written: the fp32 tiles are freed as their casts land
+                dw = torch.empty_like(weight)
+                dw[valid:].zero_()  # padded vocab rows
             for k, (v0, v1) in enumerate(tiles):
                 if temperature != 1.0:
                     dw_tiles[k].div_(temperature)
