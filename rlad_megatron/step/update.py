@@ -5,8 +5,9 @@ Megatron's schedule (1F1B when PP > 1): `--micro-batch-size` padded rows each, o
 packs of whole sequences of at most `--max-tokens-per-gpu` tokens, balanced over the DP ranks by token count
 (`packing.plan_micro_batches`; the ranks may run different numbers of packs). The loss is computed from the final
 hidden states and differentiated in the forward pass (`ops.output_loss`: no `[tokens, vocab/tp]` logits and no
-recompute, the per-token losses being sums over tokens), except for GKD, whose loss needs the full distributions. A pack's per-token outputs are laid back out as the padded rows of its
-sequences, so every loss sees `[b, L-1]` rows either way. The loss of the whole mini-batch is exact whatever the
+recompute, the losses being sums of per-token terms), except for GKD, whose loss needs the full distributions. A
+pack's per-token outputs are laid back out as the padded rows of its sequences, so every loss sees `[b, L-1]` rows
+either way. The loss of the whole mini-batch is exact whatever the
 split:
 
     loss_mini = sum_mb (count_mb / count_global) * loss_mb
