@@ -24,8 +24,8 @@ last call sees every token; its loss (detached, re-attached to ``hidden`` and ``
 are returned. A loss that mixes tokens (e.g. GKD's full-distribution terms) must not use this op.
 
 Precision as ``output_logprobs``: softmax math fp32 (fp64 for fp64 inputs), GEMMs in the input dtype on CUDA and
-fp32 on the CPU; ``dW`` accumulated over token chunks in fp32 (per vocab tile, cast into the result tile by tile),
-``dx`` all-reduced in fp32, both cast at the end.
+fp32 on the CPU; ``dW`` accumulated over token chunks in fp32 and kept so until the backward casts it (scaled by
+the upstream gradient) a vocab tile at a time; ``dx`` all-reduced in fp32 and cast.
 """
 
 from __future__ import annotations
@@ -77,27 +77,22 @@ class _OutputLoss(torch.autograd.Function):
         logp = torch.zeros(n, **kw)
         ent = torch.zeros(n, **kw) if with_entropy else None
         dx = torch.zeros(n, h_dim, **kw) if need_x else None
-        x = hidden.to(gemm)
         tiles = [(v0, min(v0 + vocab_chunk, valid)) for v0 in range(0, valid, vocab_chunk)]
-        dw, dw_tiles = None, []  # fp32 weight-gradient accumulators, one per vocab tile
-        if need_w and weight.dtype == acc:  # accumulate in place in the result (padded rows keep a zero gradient)
-            dw = torch.zeros(weight.shape, **kw)
-            dw_tiles = [dw[v0:v1] for v0, v1 in tiles]
-        elif need_w:  # separate tiles, cast into the result one by one at the end (no full fp32 copy beside it)
-            dw_tiles = [torch.zeros(v1 - v0, h_dim, **kw) for v0, v1 in tiles]
+        dw = torch.zeros(weight.shape, **kw) if need_w else None  # fp32; padded vocab rows keep a zero gradient
         buf = torch.empty(min(token_chunk, n) * valid, **kw)
         loss, aux = None, None
         for t0 in range(0, n, token_chunk):
             r = slice(t0, min(t0 + token_chunk, n))
             c = r.stop - r.start
+            xr = hidden[r].to(gemm)  # [c, h]
             zs = []  # this chunk's logits, one contiguous [c, vb] tile per vocab tile
             for v0, v1 in tiles:
                 z = buf[c * v0:c * v1].view(c, v1 - v0)
                 w = weight[v0:v1].to(gemm)
-                if x.dtype == z.dtype:
-                    torch.matmul(x[r], w.t(), out=z)
+                if xr.dtype == z.dtype:
+                    torch.matmul(xr, w.t(), out=z)
                 else:
-                    z.copy_(x[r] @ w.t())
+                    z.copy_(xr @ w.t())
                 if temperature != 1.0:
                     z.div_(temperature)
                 zs.append(z)
@@ -123,7 +118,7 @@ class _OutputLoss(torch.autograd.Function):
                 continue
             g_lp, g_h = g_lp[r].to(acc), (g_h[r].to(acc) if g_h is not None else None)
             live = (g_lp != 0) if g_h is None else (g_lp != 0) | (g_h != 0)
-            for k, ((v0, v1), lp) in enumerate(zip(tiles, zs, strict=True)):
+            for (v0, v1), lp in zip(tiles, zs, strict=True):
                 lp.sub_(log_s[:, None])  # log p_v
                 p = torch.exp(lp)
                 coeff = lp.add_(ent[r, None]).mul_(g_h[:, None]).add_(g_lp[:, None]) if g_h is not None \
@@ -138,30 +133,23 @@ class _OutputLoss(torch.autograd.Function):
                     if need_x:
                         dx[r].addmm_(gz, w)
                     if need_w:
-                        dw_tiles[k].addmm_(gz.t(), x[r])
+                        dw[v0:v1].addmm_(gz.t(), xr)
                 else:  # bf16 GEMMs on CUDA, fp32 accumulators
                     if need_x:
                         dx[r] += gz @ w
                     if need_w:
-                        dw_tiles[k] += gz.t() @ x[r]
+                        dw[v0:v1] += gz.t() @ xr
         if loss is None:  # no tokens
             _, _, loss, aux = _loss_grads(token_loss, logp, ent)
-        del buf, x
+        del buf
         if need_x:
             if temperature != 1.0:
                 dx.div_(temperature)
             dx = all_reduce(dx, dist.ReduceOp.SUM, group).to(hidden.dtype)
-        if need_w:
-            if dw is None:  # untouched pages until written: the fp32 tiles are freed as their casts land
-                dw = torch.empty_like(weight)
-                dw[valid:].zero_()  # padded vocab rows
-            for k, (v0, v1) in enumerate(tiles):
-                if temperature != 1.0:
-                    dw_tiles[k].div_(temperature)
-                if dw_tiles[k].data_ptr() != dw[v0:v1].data_ptr():
-                    dw[v0:v1] = dw_tiles[k]
-                dw_tiles[k] = None
-        ctx.save_for_backward(dx, dw)
+        if need_w and temperature != 1.0:
+            dw.div_(temperature)
+        ctx.save_for_backward(dx, dw)  # dw stays fp32: the backward casts it block by block
+        ctx.weight_dtype, ctx.vocab_chunk = weight.dtype, vocab_chunk
         box.append(aux)
         out = (loss.to(acc), logp, ent) if with_entropy else (loss.to(acc), logp)
         ctx.mark_non_differentiable(*out[1:])
@@ -170,7 +158,12 @@ class _OutputLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss: Tensor, *_):
         dx, dw = ctx.saved_tensors
-        return (g_loss * dx if dx is not None else None, g_loss * dw if dw is not None else None) + (None,) * 9
+        grad_w = None
+        if dw is not None:  # g * dW in the weight dtype, a block at a time (no second [vocab/tp, h] fp32 tensor)
+            grad_w = torch.empty(dw.shape, dtype=ctx.weight_dtype, device=dw.device)
+            for v0 in range(0, dw.shape[0], ctx.vocab_chunk):
+                grad_w[v0:v0 + ctx.vocab_chunk] = dw[v0:v0 + ctx.vocab_chunk] * g_loss
+        return (g_loss * dx if dx is not None else None, grad_w) + (None,) * 9
 
 
 def output_loss(
