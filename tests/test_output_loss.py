@@ -9,16 +9,14 @@ import torch
 
 from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
 from rlad_megatron.ops.output_loss import output_loss
-
-N, H, V, VOCAB, T = 37, 16, 50, 45, 0.7  # padded vocab: rows 45..49 are padding
+from tests.test_output_logprobs import VOCAB, N, T  # same shapes: rows >= VOCAB of the weight are padding
+from tests.test_output_logprobs import inputs as logprob_inputs
 
 
 def inputs(dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(N, H, generator=g, dtype=torch.float64).to(dtype)
-    w = (0.7 * torch.randn(V, H, generator=g, dtype=torch.float64)).to(dtype)
-    w[VOCAB:] = 30.0  # padding rows that would dominate the softmax if they were not masked
-    targets = torch.randint(0, VOCAB, (N,), generator=g)
+    """The log-prob tests' hidden states, padded-vocab weight and targets, plus old log-probs and advantages."""
+    x, w, targets, _, _ = logprob_inputs(dtype, seed)
+    g = torch.Generator().manual_seed(1000 + seed)
     old = torch.randn(N, generator=g, dtype=torch.float64) - 2.0
     adv = torch.randn(N, generator=g, dtype=torch.float64)
     adv[:4] = 0.0  # tokens the loss ignores

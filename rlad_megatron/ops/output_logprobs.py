@@ -180,6 +180,29 @@ class _OutputLogProbs(torch.autograd.Function):
         return (dx, dw) + none
 
 
+def check_output_args(hidden: Tensor, weight: Tensor, targets: Tensor, *, group: ProcessGroup | None,
+                      temperature: float, vocab_size: int | None, token_chunk: int,
+                      vocab_chunk: int) -> tuple[VocabShard, Tensor]:
+    """The checks shared by the fused output-layer ops (weight shard, targets, temperature, tiles); returns this
+    rank's vocab shard and the targets flattened to int64 ``[n]``."""
+    if not hidden.is_floating_point() or weight.dim() != 2 or weight.dtype != hidden.dtype \
+            or weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"weight must be [vocab/tp, h={hidden.shape[-1]}] in the hidden dtype {hidden.dtype}, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    if targets.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
+    if not (temperature > 0.0 and temperature != float("inf")):
+        raise ValueError(f"temperature must be a finite positive number, got {temperature}")
+    if token_chunk < 1 or vocab_chunk < 1:
+        raise ValueError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk}, {vocab_chunk}")
+    shard = vocab_shard(weight.shape[0], group, vocab_size)
+    flat_t = targets.reshape(-1).long()
+    if flat_t.numel() and (int(flat_t.min()) < 0 or int(flat_t.max()) >= shard.vocab_size):
+        raise ValueError(f"targets must be token ids in [0, vocab_size={shard.vocab_size}), got range "
+                         f"[{int(flat_t.min())}, {int(flat_t.max())}]")
+    return shard, flat_t
+
+
 def output_logprobs(
     hidden: Tensor,
     weight: Tensor,
@@ -214,21 +237,8 @@ def output_logprobs(
     if hidden.dim() < 1 or targets.shape != hidden.shape[:-1]:
         raise ValueError(f"targets shape {tuple(targets.shape)} must equal hidden.shape[:-1] = "
                          f"{tuple(hidden.shape[:-1])}")
-    if not hidden.is_floating_point() or weight.dim() != 2 or weight.dtype != hidden.dtype \
-            or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [vocab/tp, h={hidden.shape[-1]}] in the hidden dtype {hidden.dtype}, got "
-                         f"{weight.dtype} {tuple(weight.shape)}")
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
-    if not (temperature > 0.0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite positive number, got {temperature}")
-    if token_chunk < 1 or vocab_chunk < 1:
-        raise ValueError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk}, {vocab_chunk}")
-    shard = vocab_shard(weight.shape[0], group, vocab_size)
-    flat_t = targets.reshape(-1).long()
-    if flat_t.numel() and (int(flat_t.min()) < 0 or int(flat_t.max()) >= shard.vocab_size):
-        raise ValueError(f"targets must be token ids in [0, vocab_size={shard.vocab_size}), got range "
-                         f"[{int(flat_t.min())}, {int(flat_t.max())}]")
+    shard, flat_t = check_output_args(hidden, weight, targets, group=group, temperature=temperature,
+                                      vocab_size=vocab_size, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
     lead = targets.shape
     logp, ent = _OutputLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat_t, group, float(temperature),
                                       shard, int(token_chunk), int(vocab_chunk), bool(with_entropy))

@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed import ProcessGroup
 
-from rlad_megatron.ops.logprobs import VocabShard, all_reduce, vocab_shard
-from rlad_megatron.ops.output_logprobs import _dtypes, _owned
+from rlad_megatron.ops.logprobs import VocabShard, all_reduce
+from rlad_megatron.ops.output_logprobs import _dtypes, _owned, _tile_logits, check_output_args
 
 __all__ = ["output_loss"]
 
@@ -87,20 +87,12 @@ class _OutputLoss(torch.autograd.Function):
             xr = hidden[r].to(gemm)  # [c, h]
             zs = []  # this chunk's logits, one contiguous [c, vb] tile per vocab tile
             for v0, v1 in tiles:
-                z = buf[c * v0:c * v1].view(c, v1 - v0)
-                w = weight[v0:v1].to(gemm)
-                if xr.dtype == z.dtype:
-                    torch.matmul(xr, w.t(), out=z)
-                else:
-                    z.copy_(xr @ w.t())
-                if temperature != 1.0:
-                    z.div_(temperature)
-                zs.append(z)
+                zs.append(_tile_logits(xr, weight[v0:v1].to(gemm), buf[c * v0:c * v1], temperature))
             m = torch.stack([z.amax(dim=1) for z in zs]).amax(dim=0) if zs else torch.full((c,), float("-inf"), **kw)
             big_m = all_reduce(m, dist.ReduceOp.MAX, group)
             s, q, tz = torch.zeros(c, **kw), torch.zeros(c, **kw), torch.zeros(c, **kw)
-            for (v0, v1), z in zip(tiles, zs, strict=True):
-                own, idx = _owned(targets[r], shard.start + v0, shard.start + v1)
+            owned = [_owned(targets[r], shard.start + v0, shard.start + v1) for v0, v1 in tiles]
+            for z, (own, idx) in zip(zs, owned, strict=True):
                 z.sub_(big_m[:, None])  # z - M from here on
                 tz = torch.where(own, z.gather(1, idx[:, None]).squeeze(1), tz)
                 e = torch.exp(z)
@@ -118,13 +110,12 @@ class _OutputLoss(torch.autograd.Function):
                 continue
             g_lp, g_h = g_lp[r].to(acc), (g_h[r].to(acc) if g_h is not None else None)
             live = (g_lp != 0) if g_h is None else (g_lp != 0) | (g_h != 0)
-            for (v0, v1), lp in zip(tiles, zs, strict=True):
+            for (v0, v1), lp, (own, idx) in zip(tiles, zs, owned, strict=True):
                 lp.sub_(log_s[:, None])  # log p_v
                 p = torch.exp(lp)
                 coeff = lp.add_(ent[r, None]).mul_(g_h[:, None]).add_(g_lp[:, None]) if g_h is not None \
                     else g_lp[:, None]
                 gz = p.mul_(coeff).neg_()  # [c, vb] = dL/dz_v without the target term
-                own, idx = _owned(targets[r], shard.start + v0, shard.start + v1)
                 gz.scatter_add_(1, idx[:, None], torch.where(own, g_lp, 0.0)[:, None])
                 gz.masked_fill_(~live[:, None], 0.0)  # no NaN * 0 from tokens the loss ignores
                 w = weight[v0:v1].to(gemm)
@@ -200,22 +191,10 @@ def output_loss(
     """
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1]:
         raise ValueError(f"hidden must be [n, h] and targets [n], got {tuple(hidden.shape)} and {tuple(targets.shape)}")
-    if weight.dim() != 2 or weight.dtype != hidden.dtype or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"weight must be [vocab/tp, h={hidden.shape[1]}] in the hidden dtype {hidden.dtype}, got "
-                         f"{weight.dtype} {tuple(weight.shape)}")
-    if targets.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"targets must be integer token ids, got {targets.dtype}")
-    if not (temperature > 0.0 and temperature != float("inf")):
-        raise ValueError(f"temperature must be a finite positive number, got {temperature}")
     if token_chunk is None:
         token_chunk = max(1, CHUNK_ELEMENTS // max(weight.shape[0], 1))
-    if token_chunk < 1 or vocab_chunk < 1:
-        raise ValueError(f"token_chunk and vocab_chunk must be >= 1, got {token_chunk}, {vocab_chunk}")
-    shard = vocab_shard(weight.shape[0], group, vocab_size)
-    flat_t = targets.long()
-    if flat_t.numel() and (int(flat_t.min()) < 0 or int(flat_t.max()) >= shard.vocab_size):
-        raise ValueError(f"targets must be token ids in [0, vocab_size={shard.vocab_size}), got range "
-                         f"[{int(flat_t.min())}, {int(flat_t.max())}]")
+    shard, flat_t = check_output_args(hidden, weight, targets, group=group, temperature=temperature,
+                                      vocab_size=vocab_size, token_chunk=token_chunk, vocab_chunk=vocab_chunk)
     box: list = []
     out = _OutputLoss.apply(hidden, weight, flat_t, token_loss, box, group, float(temperature), shard,
                             int(token_chunk), int(vocab_chunk), bool(with_entropy))

@@ -43,6 +43,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------ A. the op at TP=2
 
 
+def full_weight_grad(w: torch.Tensor, group) -> torch.Tensor:
+    """The `[vocab, h]` gradient of a vocab-sharded weight: every rank's `w.grad`, gathered in rank order (fp64)."""
+    parts = [torch.empty_like(w.grad) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, w.grad.contiguous(), group=group)
+    return torch.cat(parts).double()
+
+
 def op_checks(out: dict[str, Value]) -> None:
     from rlad_megatron.ops.logprobs import vocab_parallel_logprobs
     from rlad_megatron.ops.output_logprobs import output_logprobs
@@ -63,9 +70,7 @@ def op_checks(out: dict[str, Value]) -> None:
         (lp * g1.to(lp.dtype) + ent * g2.to(lp.dtype)).sum().backward()
         if reduce_dx:
             dist.all_reduce(x.grad, group=group)
-        parts = [torch.empty_like(w.grad) for _ in range(2)]
-        dist.all_gather(parts, w.grad.contiguous(), group=group)
-        return lp.double(), ent.double(), x.grad.double(), torch.cat(parts).double()
+        return lp.double(), ent.double(), x.grad.double(), full_weight_grad(w, group)
 
     def fused(x, w, **kw):
         return output_logprobs(x, w, targets, group=group, temperature=TEMPERATURE, with_entropy=True, **kw)
@@ -146,9 +151,7 @@ def loss_checks(out: dict[str, Value], x: torch.Tensor, w_full: torch.Tensor, lo
         loss.backward()
         if not fused:
             dist.all_reduce(xs.grad, group=group)
-        parts = [torch.empty_like(w.grad) for _ in range(2)]
-        dist.all_gather(parts, w.grad.contiguous(), group=group)
-        return loss.detach().double().reshape(1), xs.grad.double(), torch.cat(parts).double()
+        return loss.detach().double().reshape(1), xs.grad.double(), full_weight_grad(w, group)
 
     for vocab in (73, 31):
         targets = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(vocab))
